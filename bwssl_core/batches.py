@@ -1,0 +1,102 @@
+"""Batch sources for the trainer: normalisation, a clip tensor file, moving shapes made on the device.
+
+A batch source is a callable `source(start_step, rank, world)` returning an iterator of the local
+batches of steps start_step, start_step + 1, ... Each global batch is a deterministic function of
+(seed, step), and rank r of `world` gets rows [r * b, (r + 1) * b) of it, so a resumed or
+data-parallel run sees exactly the clips of an uninterrupted single-process run.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import PIXEL_MEAN, PIXEL_STD, ConfigError, ModelConfig
+
+
+def normalize_video(video: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, T, H, W) in [0, 255] -> float normalised with PIXEL_MEAN / PIXEL_STD."""
+    shape = (1, -1, 1, 1, 1)
+    mean = torch.tensor(PIXEL_MEAN, device=video.device).view(shape)
+    std = torch.tensor(PIXEL_STD, device=video.device).view(shape)
+    return (video.float() / 255.0 - mean) / std
+
+
+def step_generator(seed: int, step: int, device=None) -> torch.Generator:
+    """A generator seeded by (seed, step): what step `step` draws does not depend on the past."""
+    g = torch.Generator(device=device or "cpu")
+    return g.manual_seed((seed << 32) + step)
+
+
+def shard(global_batch: int, rank: int, world: int) -> slice:
+    if global_batch % world:
+        raise ConfigError(f"batch_size={global_batch}: expected a multiple of the {world} processes")
+    b = global_batch // world
+    return slice(rank * b, (rank + 1) * b)
+
+
+class ClipTensorFile:
+    """Clips from a tensor file: uint8 (N, T, H, W, C) as decoders return them, shuffled each epoch."""
+
+    def __init__(self, path: str | Path, batch_size: int, seed: int = 0, device="cpu"):
+        path = Path(path)
+        try:
+            clips = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ConfigError(f"{path}: cannot load clips ({err.__class__.__name__}: {err})") from None
+        if not (isinstance(clips, torch.Tensor) and clips.dtype == torch.uint8 and clips.dim() == 5):
+            raise ConfigError(f"{path}: expected a uint8 tensor (N, T, H, W, C), got "
+                              f"{getattr(clips, 'dtype', type(clips).__name__)} {tuple(getattr(clips, 'shape', ()))}")
+        if len(clips) < batch_size:
+            raise ConfigError(f"{path}: {len(clips)} clips, fewer than batch_size={batch_size}")
+        self.clips, self.batch_size, self.seed, self.device = clips, batch_size, seed, device
+
+    def clip_shape(self) -> tuple[int, int, int, int]:
+        """(C, T, H, W) of one clip."""
+        N, T, H, W, C = self.clips.shape
+        return C, T, H, W
+
+    def __call__(self, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+        per_epoch = len(self.clips) // self.batch_size
+        rows = shard(self.batch_size, rank, world)
+        for step in itertools.count(start_step):
+            epoch, i = divmod(step, per_epoch)
+            order = torch.randperm(len(self.clips), generator=step_generator(self.seed, epoch))
+            ids = order[i * self.batch_size:(i + 1) * self.batch_size][rows]
+            clips = self.clips[ids].to(self.device, non_blocking=True)  # (b, T, H, W, C)
+            yield normalize_video(clips.permute(0, 4, 1, 2, 3))
+
+
+class MovingShapes:
+    """Squares gliding over smooth colour gradients, generated on the device: a smoke-test and
+    benchmark source that needs no files (the labelled study data set is `bwssl synth`)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, seed: int = 0, device="cpu"):
+        self.cfg, self.batch_size, self.seed, self.device = cfg, batch_size, seed, torch.device(device)
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The global batch of `step`: normalised (B, C, T, H, W)."""
+        c, B, dev = self.cfg, self.batch_size, self.device
+        g = step_generator(self.seed, step, dev)
+        rand = lambda *shape: torch.rand(*shape, generator=g, device=dev)  # noqa: E731
+        T, S, C = c.num_frames, c.img_size, c.in_chans
+        t = torch.linspace(0, 1, T, device=dev)[None, :, None, None]  # (1, T, 1, 1)
+        ys = torch.linspace(0, 1, S, device=dev)[None, None, :, None]
+        xs = torch.linspace(0, 1, S, device=dev)[None, None, None, :]
+        angle = rand(B, 1, 1, 1) * 6.2832
+        background = (0.5 + (xs - 0.5) * angle.cos() + (ys - 0.5) * angle.sin())[:, None]  # (B, 1, 1, S, S)
+        start, velocity = rand(2, B, 1, 1, 1) * 0.6 + 0.2, (rand(2, B, 1, 1, 1) - 0.5) * 0.8
+        half = rand(B, 1, 1, 1) * 0.1 + 0.1
+        cy, cx = start + velocity * (t - 0.5)  # (B, T, 1, 1)
+        inside = (((ys - cy).abs() < half) & ((xs - cx).abs() < half))[:, None].float()  # (B, 1, T, S, S)
+        low, high, colour = rand(3, B, C, 1, 1, 1)
+        pixels = low + (high - low) * background
+        pixels = pixels * (1 - inside) + colour * inside  # (B, C, T, S, S) in [0, 1]
+        return normalize_video((pixels.clamp(0, 1) * 255).round().to(torch.uint8))
+
+    def __call__(self, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+        rows = shard(self.batch_size, rank, world)
+        for step in itertools.count(start_step):
+            yield self.batch(step)[rows]

@@ -1,0 +1,152 @@
+"""Load official VideoMAE (MCG-NJU) and HF transformers VideoMAEForPreTraining weights.
+
+One canonical path: HF names -> official names -> ours. Official checkpoints keep q and v biases
+apart (`attn.q_bias`, `attn.v_bias`, no k bias); ours fuse them into one qkv bias with a zero k
+part, which computes the same attention. Both use VideoMAE's 1-D sin-cos table, so converted configs
+set pos_embed="1d". HF takes pixel_values as (B, T, C, H, W); ours, like the official code, take
+(B, C, T, H, W): see `from_hf_pixel_values`.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, ConfigError, ModelConfig
+from .model import VideoMAE
+
+_HF_LAYER = {  # HF suffix within a layer -> official suffix
+    "attention.output.dense": "attn.proj", "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
+    "layernorm_before": "norm1", "layernorm_after": "norm2",
+}
+
+
+def from_hf_pixel_values(pixel_values: torch.Tensor) -> torch.Tensor:
+    """HF's (B, T, C, H, W) -> ours (B, C, T, H, W)."""
+    return pixel_values.permute(0, 2, 1, 3, 4)
+
+
+def hf_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a VideoMAEForPreTraining state dict to the official code's names."""
+    out, qkv = {}, {}
+    for key, value in sd.items():
+        key = key.replace("videomae.embeddings.patch_embeddings.projection", "encoder.patch_embed.proj")
+        key = key.replace("videomae.layernorm", "encoder.norm")
+        key = re.sub(r"^videomae\.encoder\.layer\.", "encoder.blocks.", key)
+        key = re.sub(r"^decoder\.decoder_layers\.", "decoder.blocks.", key)
+        m = re.match(r"(.*blocks\.\d+)\.attention\.attention\.(query|key|value|q_bias|v_bias)\.?(weight|bias)?$", key)
+        if m:
+            prefix, part, kind = m.groups()
+            if part in ("q_bias", "v_bias"):
+                out[f"{prefix}.attn.{part}"] = value
+            elif kind == "bias":
+                out[f"{prefix}.attn.{part[0]}_bias"] = value
+            else:
+                qkv.setdefault(prefix, {})[part] = value
+            continue
+        for hf, official in _HF_LAYER.items():
+            key = re.sub(rf"(blocks\.\d+)\.{re.escape(hf)}\.", rf"\1.{official}.", key)
+        out[key] = value
+    for prefix, parts in qkv.items():
+        out[f"{prefix}.attn.qkv.weight"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return out
+
+
+def official_to_bwssl(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Map official names onto a model with config `cfg` (any partition: layers by global index;
+    the encoder norm and decoder go to the last block)."""
+    owner = [(k, i - start) for k, (start, end) in enumerate(cfg.spans) for i in range(start, end)]
+    last = len(cfg.partition) - 1
+    dec = f"decoders.{0 if cfg.dec_shared else last}"
+    out = {}
+    for key, value in sd.items():
+        if key.endswith(("attn.q_bias", "attn.v_bias")):
+            continue
+        m = re.match(r"encoder\.blocks\.(\d+)\.(.*)$", key)
+        if m:
+            k, j = owner[int(m.group(1))]
+            key = f"stages.{k}.layers.{j}.{m.group(2)}"
+        elif key.startswith("decoder.blocks."):
+            key = key.replace("decoder.blocks.", f"{dec}.layers.")
+        else:
+            key = {"encoder.patch_embed.proj.weight": "stages.0.embed.proj.weight",
+                   "encoder.patch_embed.proj.bias": "stages.0.embed.proj.bias",
+                   "encoder.norm.weight": f"stages.{last}.norm.weight",
+                   "encoder.norm.bias": f"stages.{last}.norm.bias",
+                   "encoder_to_decoder.weight": f"{dec}.embed.weight",
+                   "mask_token": f"{dec}.mask_token",
+                   }.get(key, key.replace("decoder.", f"{dec}.", 1) if key.startswith("decoder.") else key)
+        out[key] = value
+    for key in sd:  # fuse q/v biases: qkv.bias = [q_bias, 0, v_bias]
+        if key.endswith("attn.q_bias"):
+            q, v = sd[key], sd[key.replace("q_bias", "v_bias")]
+            fused = torch.cat([q, torch.zeros_like(q), v])
+            m = re.match(r"(encoder|decoder)\.blocks\.(\d+)\.attn\.q_bias$", key)
+            if m.group(1) == "encoder":
+                k, j = owner[int(m.group(2))]
+                out[f"stages.{k}.layers.{j}.attn.qkv.bias"] = fused
+            else:
+                out[f"{dec}.layers.{m.group(2)}.attn.qkv.bias"] = fused
+    return out
+
+
+def config_from_hf(hf_config, **overrides) -> ModelConfig:
+    """Our config for a transformers VideoMAEConfig (one block: E2E)."""
+    c = hf_config
+    values = dict(img_size=c.image_size, num_frames=c.num_frames, in_chans=c.num_channels,
+                  tubelet_size=c.tubelet_size, patch_size=c.patch_size, embed_dim=c.hidden_size,
+                  depth=c.num_hidden_layers, num_heads=c.num_attention_heads,
+                  mlp_ratio=c.intermediate_size / c.hidden_size, norm_eps=c.layer_norm_eps, pos_embed="1d",
+                  partition=(c.num_hidden_layers,), dec_dim=c.decoder_hidden_size,
+                  dec_depth=c.decoder_num_hidden_layers, dec_heads=c.decoder_num_attention_heads,
+                  dec_norm=not c.use_mean_pooling, norm_target=c.norm_pix_loss)
+    return ModelConfig(**{**values, **overrides}).validate()
+
+
+def config_from_official(sd: dict[str, torch.Tensor], **overrides) -> ModelConfig:
+    """Infer a config from official weights; heads come from the preset of the same width."""
+    D, C, t, p, _ = sd["encoder.patch_embed.proj.weight"].shape
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.blocks\.(\d+)\.", k)))
+    dec_depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.blocks\.(\d+)\.", k)))
+    preset = next((v for v in PRESETS.values() if v["embed_dim"] == D and v["depth"] == depth), None)
+    if preset is None and not {"num_heads", "dec_heads"} <= set(overrides):
+        raise ConfigError(f"no preset has width {D} and depth {depth}: pass num_heads and dec_heads")
+    values = dict(in_chans=C, tubelet_size=t, patch_size=p, embed_dim=D, depth=depth,
+                  mlp_ratio=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0] / D, pos_embed="1d",
+                  partition=(depth,), dec_dim=sd["encoder_to_decoder.weight"].shape[0], dec_depth=dec_depth,
+                  dec_norm="encoder.norm.weight" in sd,
+                  num_heads=preset and preset["num_heads"], dec_heads=preset and preset["dec_heads"])
+    return ModelConfig(**{**values, **overrides}).validate()
+
+
+def load_converted(model: VideoMAE, sd: dict[str, torch.Tensor], strict: bool = True) -> VideoMAE:
+    """Load an official-named state dict into `model`, naming any missing or unexpected keys."""
+    result = model.load_state_dict(official_to_bwssl(sd, model.cfg), strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise ConfigError(f"weights do not fit the model: missing {result.missing_keys[:8]}, "
+                          f"unexpected {result.unexpected_keys[:8]}")
+    return model
+
+
+def from_hf(hf_model) -> VideoMAE:
+    """Our E2E model with the weights of a transformers VideoMAEForPreTraining."""
+    model = VideoMAE(config_from_hf(hf_model.config))
+    return load_converted(model, hf_to_official(hf_model.state_dict()))
+
+
+def load_official(path: str | Path, **overrides) -> VideoMAE:
+    """Our E2E model from an official VideoMAE pretraining checkpoint (a .pth with a 'model' dict).
+
+    Loads with weights_only=True; a checkpoint that needs arbitrary pickles is refused.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refused or not a torch file
+        raise ConfigError(f"{path}: cannot load with weights_only=True ({err.__class__.__name__}: "
+                          f"{str(err).splitlines()[0][:200]})") from None
+    sd = obj.get("model", obj.get("module", obj)) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or "encoder.patch_embed.proj.weight" not in sd:
+        raise ConfigError(f"{path}: not an official VideoMAE pretraining checkpoint "
+                          f"(expected a state dict with 'encoder.patch_embed.proj.weight')")
+    return load_converted(VideoMAE(config_from_official(sd, **overrides)), sd)

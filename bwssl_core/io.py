@@ -1,0 +1,71 @@
+"""Files that must never be half-written: atomic saves, safe checkpoint loads, run folders."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_VERSION = 1
+
+
+class RunError(RuntimeError):
+    """A run folder or checkpoint that cannot be used as asked; the message says why."""
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through `write(file)` to a temporary file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the user's group
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_json(path: Path, obj) -> None:
+    _atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    _atomic(path, lambda f: torch.save({"version": CHECKPOINT_VERSION, **state}, f))
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint with weights_only=True; refuse anything that would run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: no checkpoint there")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise RunError(f"{path}: refused or unreadable with weights_only=True "
+                       f"({err.__class__.__name__}: {first})") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        got = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise RunError(f"{path}: checkpoint version {got!r}, expected {CHECKPOINT_VERSION}")
+    return state
+
+
+def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested config dicts."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: run has {a!r}, now {b!r}")
+    return out
