@@ -1,8 +1,8 @@
 """Load official VideoMAE (MCG-NJU) and HF transformers VideoMAEForPreTraining weights.
 
-One canonical path: HF names -> official names -> ours. Official checkpoints keep q and v biases
-apart (`attn.q_bias`, `attn.v_bias`, no k bias); ours fuse them into one qkv bias with a zero k
-part, which computes the same attention. Both use VideoMAE's 1-D sin-cos table, so converted configs
+One canonical path: HF names -> official names -> ours. HF stores separate query/key/value
+projections (q and v biases as `query.bias`/`value.bias`, or `q_bias`/`v_bias` in older versions);
+the official code and ours fuse the weights into one qkv matrix with separate q and v biases. Both use VideoMAE's 1-D sin-cos table, so converted configs
 set pos_embed="1d". HF takes pixel_values as (B, T, C, H, W); ours, like the official code, take
 (B, C, T, H, W): see `from_hf_pixel_values`.
 """
@@ -61,8 +61,6 @@ def official_to_bwssl(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
     dec = f"decoders.{0 if cfg.dec_shared else last}"
     out = {}
     for key, value in sd.items():
-        if key.endswith(("attn.q_bias", "attn.v_bias")):
-            continue
         m = re.match(r"encoder\.blocks\.(\d+)\.(.*)$", key)
         if m:
             k, j = owner[int(m.group(1))]
@@ -78,16 +76,6 @@ def official_to_bwssl(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
                    "mask_token": f"{dec}.mask_token",
                    }.get(key, key.replace("decoder.", f"{dec}.", 1) if key.startswith("decoder.") else key)
         out[key] = value
-    for key in sd:  # fuse q/v biases: qkv.bias = [q_bias, 0, v_bias]
-        if key.endswith("attn.q_bias"):
-            q, v = sd[key], sd[key.replace("q_bias", "v_bias")]
-            fused = torch.cat([q, torch.zeros_like(q), v])
-            m = re.match(r"(encoder|decoder)\.blocks\.(\d+)\.attn\.q_bias$", key)
-            if m.group(1) == "encoder":
-                k, j = owner[int(m.group(2))]
-                out[f"stages.{k}.layers.{j}.attn.qkv.bias"] = fused
-            else:
-                out[f"{dec}.layers.{m.group(2)}.attn.qkv.bias"] = fused
     return out
 
 

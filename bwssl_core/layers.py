@@ -65,19 +65,24 @@ class Attention(nn.Module):
     """Multi-head self-attention through scaled_dot_product_attention.
 
     With return_attn=True it computes the same output explicitly and also returns the attention
-    probabilities (B, h, L, L), for analysis. The key bias has no effect (softmax is invariant to a
-    per-query constant), so one fused qkv bias stands in for VideoMAE's separate q and v biases.
+    probabilities (B, h, L, L), for analysis. As in VideoMAE, queries and values have biases and keys
+    have none (a key bias would not change the softmax, and its round-off gradient would make Adam
+    move it at random).
     """
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, return_attn: bool = False):
         B, L, D = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias)
+        qkv = qkv.view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, h, L, hd)
         if return_attn:
             attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).float().softmax(dim=-1)  # (B, h, L, L)

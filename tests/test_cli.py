@@ -1,0 +1,67 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bwssl_core.cli import main
+from bwssl_core.io import load_checkpoint
+
+TINY = ["--preset", "tiny", "--steps", "2", "--batch-size", "4", "--log-every", "1", "--device", "cpu"]
+
+
+def test_console_script_and_module():
+    exe = shutil.which("bwssl", path=str(__import__("pathlib").Path(sys.executable).parent))
+    assert exe, "pip install -e . should install the bwssl console script"
+    for cmd in ([exe, "--help"], [sys.executable, "-m", "bwssl_core", "pretrain", "--help"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0 and "pretrain" in proc.stdout
+
+
+def test_pretrain_from_the_command_line(tmp_path, capsys):
+    assert main(["pretrain", "--out", str(tmp_path), *TINY, "--blocks", "2", "--dec-shared", "--mask-ratio", "0.5"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["step"] == 2 and len(printed["loss"]) == 2
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["dec_shared"] is True and config["model"]["mask_ratio"] == 0.5
+    assert config["model"]["partition"] == [2, 2] and config["preset"] == "tiny"
+
+
+def test_pretrain_from_a_clip_file(tmp_path):
+    clips = torch.randint(0, 256, (6, 4, 32, 32, 3), dtype=torch.uint8)  # (N, T, H, W, C)
+    torch.save(clips, tmp_path / "clips.pt")
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "clips.pt"), *TINY]) == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--preset", "vit_x"], "unknown preset 'vit_x'"),
+    (["--partition", "1,1"], "partition='1,1': expected block sizes that sum to depth=4"),
+    (["--blocks", "3"], "blocks=3: expected a divisor of depth=4"),
+    (["--img-size", "30"], "img_size=30: expected a multiple of patch_size=8"),
+    (["--batch-size", "0"], "batch_size=0: expected a positive integer"),
+])
+def test_bad_input_stops_before_training(tmp_path, capsys, extra, message):
+    assert main(["pretrain", "--out", str(tmp_path / "run"), *TINY, *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_clip_file_of_another_shape(tmp_path, capsys):
+    torch.save(torch.zeros(6, 8, 32, 32, 3, dtype=torch.uint8), tmp_path / "clips.pt")
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "clips.pt"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "clips.pt: clips of (C, T, H, W) = (3, 8, 32, 32), expected (3, 4, 32, 32)" in err
+
+
+def test_resume_and_refusals(tmp_path, capsys):
+    run = ["pretrain", "--out", str(tmp_path), *TINY]
+    assert main(run) == 0
+    assert main(run) == 2 and "already holds a run" in capsys.readouterr().err
+    assert main([*run, "--resume", "--mask-ratio", "0.5"]) == 2
+    assert "model.mask_ratio: run has 0.75, now 0.5" in capsys.readouterr().err
+    assert main([*run, "--resume", "--steps", "3"]) == 2  # a longer run would change the schedule
+    assert main([*run, "--resume", "--log-every", "5"]) == 0  # already finished: nothing to do
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2

@@ -1,0 +1,66 @@
+"""Equivalence with HF transformers' VideoMAEForPreTraining (a test-only dependency)."""
+import pytest
+import torch
+
+from bwssl_core import ConfigError
+from bwssl_core.interop import from_hf, from_hf_pixel_values, hf_to_official, load_official
+from bwssl_core.masking import tube_mask
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_model(**kw):
+    cfg = transformers.VideoMAEConfig(
+        image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=48, num_hidden_layers=3,
+        num_attention_heads=3, intermediate_size=96, decoder_hidden_size=32, decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=2, decoder_intermediate_size=64, attn_implementation="eager", **kw)
+    model = transformers.VideoMAEForPreTraining(cfg).eval()
+    with torch.no_grad():  # move every weight off its init so that a swapped tensor shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("kw", [dict(use_mean_pooling=False, norm_pix_loss=True),
+                                dict(use_mean_pooling=True, norm_pix_loss=False)])
+def test_matches_transformers_encoder_and_loss(kw):
+    hf = _hf_model(**kw)
+    ours = from_hf(hf).eval()
+    assert ours.cfg.pos_embed == "1d" and ours.cfg.dec_norm == (not kw["use_mean_pooling"])
+    pixel_values = torch.randn(3, 4, 3, 32, 32)  # HF layout (B, T, C, H, W)
+    mask = tube_mask(3, ours.cfg.grid, 0.75, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf_enc = hf.videomae(pixel_values=pixel_values, bool_masked_pos=mask.hidden).last_hidden_state
+        hf_loss = hf(pixel_values=pixel_values, bool_masked_pos=mask.hidden).loss
+        video = from_hf_pixel_values(pixel_values)
+        _, z = ours.stages[0](video, mask.ids_keep)  # our encoder output after its final norm (if any)
+        (loss,) = ours(video, mask)
+    torch.testing.assert_close(z, hf_enc, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(loss, hf_loss, atol=2e-5, rtol=1e-4)
+
+
+def test_official_checkpoint_file(tmp_path):
+    hf = _hf_model(use_mean_pooling=False)
+    sd = hf_to_official(hf.state_dict())
+    assert "encoder.blocks.0.attn.q_bias" in sd and "encoder.blocks.2.attn.qkv.weight" in sd
+    path = tmp_path / "videomae_pretrain.pth"
+    torch.save({"model": sd}, path)
+    ours = load_official(path, img_size=32, num_frames=4, num_heads=3, dec_heads=2)
+    reference = from_hf(hf)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+    torch.save({"model": {"something": torch.zeros(1)}}, path)
+    with pytest.raises(ConfigError, match="not an official VideoMAE pretraining checkpoint"):
+        load_official(path)
+
+
+def test_official_weights_into_blockwise_partition():
+    hf = _hf_model(use_mean_pooling=False)
+    from bwssl_core.interop import config_from_hf, load_converted
+    from bwssl_core.model import VideoMAE
+    e2e = from_hf(hf)
+    bw = load_converted(VideoMAE(config_from_hf(hf.config, partition=(1, 2))), hf_to_official(hf.state_dict()),
+                        strict=False)
+    video = torch.randn(2, 3, 4, 32, 32)
+    for a, b in zip(e2e.forward_intermediates(video), bw.forward_intermediates(video)):
+        assert torch.equal(a, b)

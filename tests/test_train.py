@@ -1,0 +1,154 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from bwssl_core import TrainConfig, model_config
+from bwssl_core.batches import MovingShapes
+from bwssl_core.io import RunError, load_checkpoint
+from bwssl_core.train import Trainer, load_run, lr_at, param_groups, pretrain
+from bwssl_core.model import VideoMAE
+
+
+def _train_cfg(**kw):
+    values = dict(steps=8, batch_size=4, base_lr=0.05, warmup_steps=2, log_every=2, ckpt_every=4)
+    return TrainConfig(**{**values, **kw})
+
+
+def _weights(run):
+    return load_checkpoint(run / "checkpoint.pt")["model"]
+
+
+def _assert_same(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_tiny_model_overfits_a_few_clips(tiny, tmp_path, blocks):
+    cfg = tiny(partition=(4,) if blocks == 1 else (2, 2))
+    video = MovingShapes(cfg, 4, seed=0).batch(0)  # the same 4 clips at every step, fresh masks
+    trainer = Trainer(cfg, _train_cfg(steps=150, base_lr=0.1, warmup_steps=10), tmp_path, device="cpu")
+    history = torch.stack([torch.stack(trainer.train_step(video)) for _ in range(150)])  # (steps, K)
+    first, last = history[:5].mean(0), history[-10:].mean(0)
+    assert (last < first / 2).all(), (first, last)
+
+
+def test_schedule_and_decay_groups(tiny):
+    t = TrainConfig(steps=100, batch_size=512, base_lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    peak = 1e-3 * 512 / 256
+    assert lr_at(0, t) == pytest.approx(peak / 10)
+    assert lr_at(9, t) == pytest.approx(peak)
+    assert lr_at(55, t) == pytest.approx(1e-5 + (peak - 1e-5) / 2)
+    assert lr_at(100, t) == pytest.approx(1e-5)
+    assert all(lr_at(s, t) >= lr_at(s + 1, t) for s in range(10, 100))
+    small = TrainConfig(batch_size=8, base_lr=1.5e-4, min_lr=1e-5, warmup_steps=0, steps=10)
+    assert lr_at(10, small) <= lr_at(0, small)  # the floor never exceeds a small batch's peak
+    model = VideoMAE(tiny(partition=(2, 2)))
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.05
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert "decoders.0.mask_token" in skipped and "stages.1.norm.weight" in skipped
+    assert "stages.0.layers.0.attn.q_bias" in skipped and no_decay["weight_decay"] == 0
+
+
+def test_run_folder_contents(tiny, tmp_path):
+    cfg = tiny(partition=(2, 2))
+    pretrain(cfg, _train_cfg(), MovingShapes(cfg, 4, seed=0), tmp_path, device="cpu")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["partition"] == [2, 2] and config["train"]["steps"] == 8
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert all(len(r["loss"]) == 2 and r["clips_per_s"] > 0 and r["peak_mem_gib"] > 0 and r["lr"] > 0 for r in rows)
+    model, saved = load_run(tmp_path)
+    assert saved["model"] == config["model"] and not model.training
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 8
+
+
+def test_runs_are_never_silently_overwritten(tiny, tmp_path):
+    cfg = tiny()
+    pretrain(cfg, _train_cfg(steps=2), MovingShapes(cfg, 4), tmp_path, device="cpu")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(RunError, match="already holds a run.*--resume.*--overwrite"):
+        Trainer(cfg, _train_cfg(steps=2), tmp_path, device="cpu")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    pretrain(cfg, _train_cfg(steps=2, seed=5), MovingShapes(cfg, 4), tmp_path, device="cpu", overwrite=True)
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["seed"] == 5
+
+
+def test_resume_refuses_another_config(tiny, tmp_path):
+    cfg = tiny(partition=(2, 2))
+    pretrain(cfg, _train_cfg(steps=2), MovingShapes(cfg, 4), tmp_path, device="cpu")
+    with pytest.raises(RunError, match=r"model\.partition: run has \[2, 2\], now \[1, 3\]"):
+        Trainer(tiny(partition=(1, 3)), _train_cfg(steps=2), tmp_path, resume=True, device="cpu")
+    with pytest.raises(RunError, match=r"train\.base_lr: run has 0\.05, now 0\.01"):
+        Trainer(cfg, _train_cfg(steps=2, base_lr=0.01), tmp_path, resume=True, device="cpu")
+    with pytest.raises(RunError, match="no checkpoint"):
+        Trainer(cfg, _train_cfg(), tmp_path / "elsewhere", resume=True, device="cpu")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"version": 1, "model": _Evil()}, path)
+    with pytest.raises(RunError, match="refused or unreadable with weights_only=True"):
+        load_checkpoint(path)
+    torch.save({"version": 99}, path)
+    with pytest.raises(RunError, match="checkpoint version 99, expected 1"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_memory_mode_trains_the_same_weights(tiny, tmp_path, per_block):
+    cfg = tiny(partition=(1, 3), dec_shared=per_block)
+    runs = {}
+    for mode in (False, True):
+        out = tmp_path / f"mode{mode}"
+        pretrain(cfg, _train_cfg(steps=4, per_block_backward=mode), MovingShapes(cfg, 4), out, device="cpu")
+        runs[mode] = _weights(out)
+    _assert_same(runs[False], runs[True], exact=False)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from bwssl_core import TrainConfig, model_config
+    from bwssl_core.batches import MovingShapes
+    from bwssl_core.train import pretrain
+    cfg = model_config("tiny", partition=(2, 2))
+    source = MovingShapes(cfg, 4, seed=0)
+    def data(start, rank, world):
+        for step, batch in enumerate(source(start, rank, world), start):
+            if step == int(sys.argv[2]):
+                os.kill(os.getpid(), signal.SIGKILL)  # kill -9 in the middle of the run
+            yield batch
+    pretrain(cfg, TrainConfig(steps=8, batch_size=4, base_lr=0.05, warmup_steps=2, log_every=2, ckpt_every=4),
+             data, sys.argv[1], device="cpu")
+""")
+
+
+def test_kill_and_resume_gives_the_same_weights(tmp_path):
+    cfg = model_config("tiny", partition=(2, 2))
+    t = _train_cfg()
+    pretrain(cfg, t, MovingShapes(cfg, 4, seed=0), tmp_path / "whole", device="cpu")
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(killed), "6"], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert load_checkpoint(killed / "checkpoint.pt")["step"] == 4
+    assert json.loads((killed / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6
+    pretrain(cfg, t, MovingShapes(cfg, 4, seed=0), killed, device="cpu", resume=True)
+    _assert_same(_weights(killed), _weights(tmp_path / "whole"))
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]  # the lines past the checkpoint were replaced, not repeated
