@@ -50,8 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(p, _MODEL_FLAGS, "model (override the preset)")
     _add_fields(p, _TRAIN_FLAGS, "training")
 
+    s = sub.add_parser("synth", help="write the labelled synthetic video data set (mp4 + list files)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--out", required=True, help="data folder: train.csv, val.csv, metadata.csv, videos/")
+    s.add_argument("--n-train", type=int, default=2000)
+    s.add_argument("--n-val", type=int, default=500)
+    s.add_argument("--size", type=int, default=64, help="frame height and width (112 or 224 for GPU scale)")
+    s.add_argument("--frames", type=int, default=16)
+    s.add_argument("--distractor", type=float, default=0.5, help="probability of a distractor disc")
+    s.add_argument("--noise", type=float, default=0.0, help="maximum std of static pixel noise")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, help="processes (default: all cores)")
+    s.add_argument("--overwrite", action="store_true")
+
     sub.add_parser("presets", help="list the model presets")
     return parser
+
+
+def cmd_synth(args) -> None:
+    from .synth import SynthConfig, write_dataset
+
+    for name in ("n_train", "n_val", "size", "frames"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
+    if args.size % 2:
+        raise ConfigError(f"--size={args.size}: expected an even size (H.264 yuv420p)")
+    cfg = SynthConfig(size=args.size, frames=args.frames, distractor=args.distractor, noise=args.noise)
+    out = write_dataset(args.out, args.n_train, args.n_val, cfg, args.seed, args.workers, args.overwrite)
+    print(json.dumps({"out": str(out), "n_train": args.n_train, "n_val": args.n_val}))
 
 
 def cmd_pretrain(args) -> None:
@@ -81,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             cmd_pretrain(args)
+        elif args.command == "synth":
+            cmd_synth(args)
         elif args.command == "presets":
             for name, values in PRESETS.items():
                 print(name, json.dumps(values))

@@ -125,6 +125,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = state["step"]
             torch.set_rng_state(state["rng"]["cpu"].cpu())
+            if "cuda" in state["rng"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
             if self.is_main:
                 self._truncate_metrics(self.step)
             return
@@ -233,6 +235,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         save_checkpoint(self.out / "checkpoint.pt", {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+            "schedule": {"kind": "warmup_cosine", "next_lr": lr_at(self.step, self.tcfg)},  # a function of step
             "config": self.config, "rng": rng})
 
     def close(self) -> None:
