@@ -19,11 +19,10 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-# Until the study notebooks land: E2E and blockwise (K = 2, 4) pretraining of the CPU preset on
-# moving shapes made in memory, into one study folder.
+# Until the study notebooks land: the default data set (made once), then E2E pretraining of the
+# CPU preset for ten minutes with per-layer probes against random-init and raw-pixel controls.
+DATA := data/synth
 study: $(STAMP)
-	for k in 1 2 4; do \
-	  $(BIN)/bwssl pretrain --out $(STUDY)/k$$k --preset cpu --blocks $$k --steps 300 --batch-size 16 \
-	    --base-lr 3e-3 --warmup-steps 30 --log-every 25 || exit 1; \
-	done
+	test -f $(DATA)/train.csv || $(BIN)/bwssl synth --out $(DATA)
+	$(BIN)/python benchmarks/learnability.py --data $(DATA) --out $(STUDY)/e2e --budget 600 --plain-target
 	@echo "study written to $(STUDY)"

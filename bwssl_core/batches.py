@@ -70,32 +70,38 @@ class ClipTensorFile:
 
 
 class DatasetBatches:
-    """Batches of a map-style dataset whose items are `(clip uint8 (C, T, H, W) or (R, C, T, H, W), ...)`,
-    read by a DataLoader with `workers` processes, in an order fixed by (seed, epoch); repeated clips
-    (R) are flattened into the batch. batch_size counts dataset items, all processes together."""
+    """Batches of a clip dataset (video.VideoClips, cache.CachedClips) read by a DataLoader with
+    `workers` processes, in an order fixed by (seed, epoch). Items are `(clips, label)` with clips
+    uint8 (C, T, H, W), or (R, C, T, H, W) with repeated sampling, flattened into the batch; the
+    sampler passes the epoch to the dataset as index + epoch * len(dataset), so persistent workers
+    and resumed runs read the same clips. `augment` runs on `device` after the transfer (for
+    example cache.gpu_augment). batch_size counts videos, all processes together."""
 
-    def __init__(self, dataset, batch_size: int, seed: int = 0, workers: int = 0):
+    def __init__(self, dataset, batch_size: int, seed: int = 0, workers: int = 0, device="cpu", augment=None):
         if len(dataset) < batch_size:
-            raise ConfigError(f"{len(dataset)} videos, fewer than batch_size={batch_size}")
+            raise ConfigError(f"{len(dataset)} videos, fewer than a batch of {batch_size}")
         self.dataset, self.batch_size, self.seed, self.workers = dataset, batch_size, seed, workers
+        self.device, self.augment = torch.device(device), augment
 
     def _indices(self, start_step: int, rank: int, world: int) -> Iterator[int]:
-        per_epoch = len(self.dataset) // self.batch_size
+        n = len(self.dataset)
+        per_epoch = n // self.batch_size
         rows = shard(self.batch_size, rank, world)
         for step in itertools.count(start_step):
             epoch, i = divmod(step, per_epoch)
-            order = torch.randperm(len(self.dataset), generator=step_generator(self.seed, epoch))
-            yield from order[i * self.batch_size:(i + 1) * self.batch_size][rows].tolist()
+            order = torch.randperm(n, generator=step_generator(self.seed, epoch))
+            yield from (order[i * self.batch_size:(i + 1) * self.batch_size][rows] + epoch * n).tolist()
 
     def __call__(self, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
         from torch.utils.data import DataLoader
 
-        local = self.batch_size // world
-        loader = DataLoader(self.dataset, batch_size=local, sampler=self._indices(start_step, rank, world),
-                            num_workers=self.workers, pin_memory=torch.cuda.is_available(),
-                            persistent_workers=self.workers > 0)
-        for clips, *_ in loader:
-            yield clips.flatten(0, 1) if clips.dim() == 6 else clips  # (b * R, C, T, H, W)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size // world,
+                            sampler=self._indices(start_step, rank, world), num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
+        for clips, _ in loader:
+            clips = clips.flatten(0, 1) if clips.dim() == 6 else clips  # (b * R, C, T, H, W)
+            clips = clips.to(self.device, non_blocking=True)
+            yield clips if self.augment is None else self.augment(clips)
 
 
 class MovingShapes:

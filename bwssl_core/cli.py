@@ -5,12 +5,16 @@ import argparse
 import dataclasses
 import json
 import sys
+from functools import partial
+from pathlib import Path
 
-from .config import PRESETS, ConfigError, ModelConfig, TrainConfig, model_config, parse_partition
+from .config import PRESETS, ConfigError, DataConfig, ModelConfig, TrainConfig, model_config, parse_partition
 from .io import RunError
+from .listfile import DataError
 
 _MODEL_FLAGS = [f for f in dataclasses.fields(ModelConfig) if f.name != "partition"]
 _TRAIN_FLAGS = list(dataclasses.fields(TrainConfig))
+_DATA_FLAGS = list(dataclasses.fields(DataConfig))
 
 
 def _add_fields(parser: argparse.ArgumentParser, fields, title: str) -> None:
@@ -39,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="run folder (config.json, metrics.jsonl, checkpoint.pt)")
     p.add_argument("--data", default="synthetic",
-                   help="'synthetic' (moving shapes made on the device) or a .pt file of uint8 clips (N, T, H, W, C)")
+                   help="a data folder with train.csv (e.g. from `bwssl synth`), a list file, a clip cache "
+                        "(`bwssl cache`), a .pt file of uint8 clips (N, T, H, W, C), or 'synthetic' "
+                        "(moving shapes made on the device)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes for video folders and caches")
     p.add_argument("--preset", default="cpu", help=f"model size: {', '.join(PRESETS)}")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--blocks", type=int, help="K equal blocks (1: end-to-end)")
@@ -49,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU if any)")
     _add_fields(p, _MODEL_FLAGS, "model (override the preset)")
     _add_fields(p, _TRAIN_FLAGS, "training")
+    _add_fields(p, _DATA_FLAGS, "data")
 
     s = sub.add_parser("synth", help="write the labelled synthetic video data set (mp4 + list files)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -62,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, help="processes (default: all cores)")
     s.add_argument("--overwrite", action="store_true")
+
+    c = sub.add_parser("cache", help="decode a data set once into a memory-mapped clip cache",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--list", required=True, help="list file (path label per line), e.g. data/synth/train.csv")
+    c.add_argument("--out", required=True, help="cache folder (frames.u8, index.json)")
+    c.add_argument("--root", help="folder the list's paths are relative to (default: the list file's)")
+    c.add_argument("--decode-size", type=int, help="decode frames resized to this square size")
+    c.add_argument("--workers", type=int, default=1)
+    c.add_argument("--skip-bad", action="store_true", help="skip and list bad videos instead of stopping")
+    c.add_argument("--overwrite", action="store_true")
 
     sub.add_parser("presets", help="list the model presets")
     return parser
@@ -80,8 +98,53 @@ def cmd_synth(args) -> None:
     print(json.dumps({"out": str(out), "n_train": args.n_train, "n_val": args.n_val}))
 
 
+def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, device: str):
+    """The batch source that --data names (see batches.py)."""
+    from .batches import ClipTensorFile, DatasetBatches, MovingShapes
+
+    size, expected = mcfg.img_size, (mcfg.in_chans, mcfg.num_frames, mcfg.img_size, mcfg.img_size)
+    if args.data == "synthetic":
+        return MovingShapes(mcfg, tcfg.batch_size, tcfg.seed, device)
+    path = Path(args.data)
+    if path.suffix == ".pt":
+        source = ClipTensorFile(path, tcfg.batch_size, tcfg.seed)
+        if source.clip_shape() != expected:
+            raise ConfigError(f"{path}: clips of (C, T, H, W) = {source.clip_shape()}, expected {expected} "
+                              f"for preset {args.preset!r} (set --num-frames / --img-size)")
+        return source
+    folder = path if path.is_dir() else path.parent
+    if (path / "index.json").exists():  # a cache: look beside the list file it was built from
+        folder = Path(json.loads((path / "index.json").read_text()).get("list_file", path)).parent
+    rate = dcfg.sampling_rate or (1 if (folder / "synth.json").exists() else 4)  # synth clips are exactly T frames
+    if tcfg.batch_size % dcfg.repeats:
+        raise ConfigError(f"batch_size={tcfg.batch_size}: expected a multiple of repeats={dcfg.repeats}")
+    common = dict(num_frames=mcfg.num_frames, sampling_rate=rate, mode="train", repeats=dcfg.repeats,
+                  skip_bad=dcfg.skip_bad, seed=tcfg.seed)
+    augment = None
+    if (path / "index.json").exists():  # a clip cache: crops and flips run on the training device
+        from .cache import CachedClips, gpu_augment
+
+        dataset = CachedClips(path, **common)
+        stored = (dataset.shape[1], dataset.shape[2])
+        if dcfg.augment:
+            augment = partial(gpu_augment, size=size, flip=dcfg.flip)
+        elif stored != (size, size):
+            raise ConfigError(f"{path}: cached frames are {stored[0]}x{stored[1]}, expected {size}x{size} "
+                              f"without augmentation (or rebuild the cache with --decode-size {size})")
+    else:
+        from .video import VideoClips, eval_transform, train_transform
+
+        list_file = path / "train.csv" if path.is_dir() else path
+        if not list_file.is_file():
+            raise ConfigError(f"--data {args.data}: expected 'synthetic', a .pt clip file, a clip cache "
+                              f"(index.json) or a data folder with train.csv")
+        transform = train_transform(size, flip=dcfg.flip) if dcfg.augment else eval_transform(size)
+        dataset = VideoClips(list_file, transform=transform, bad_list_out=Path(args.out) / "bad_videos.txt",
+                             **common)
+    return DatasetBatches(dataset, tcfg.batch_size // dcfg.repeats, tcfg.seed, args.workers, device, augment)
+
+
 def cmd_pretrain(args) -> None:
-    from .batches import ClipTensorFile, MovingShapes
     from .train import default_device, pretrain
 
     overrides = _picked(args, _MODEL_FLAGS)
@@ -89,17 +152,20 @@ def cmd_pretrain(args) -> None:
         overrides["partition"] = parse_partition(args.partition)
     mcfg = model_config(args.preset, blocks=args.blocks, **overrides)
     tcfg = TrainConfig(**_picked(args, _TRAIN_FLAGS)).validate()
+    dcfg = DataConfig(**_picked(args, _DATA_FLAGS)).validate()
     device = args.device or default_device()
-    if args.data == "synthetic":
-        source = MovingShapes(mcfg, tcfg.batch_size, tcfg.seed, device)
-    else:
-        source = ClipTensorFile(args.data, tcfg.batch_size, tcfg.seed)
-        expected = (mcfg.in_chans, mcfg.num_frames, mcfg.img_size, mcfg.img_size)
-        if source.clip_shape() != expected:
-            raise ConfigError(f"{args.data}: clips of (C, T, H, W) = {source.clip_shape()}, expected {expected} "
-                              f"for preset {args.preset!r} (set --num-frames / --img-size)")
-    last = pretrain(mcfg, tcfg, source, args.out, resume=args.resume, overwrite=args.overwrite, device=device, extra={"data": args.data, "preset": args.preset})
+    source = make_source(args, mcfg, tcfg, dcfg, device)
+    last = pretrain(mcfg, tcfg, source, args.out, resume=args.resume, overwrite=args.overwrite, device=device,
+                    extra={"data": {"path": args.data, **dataclasses.asdict(dcfg)}, "preset": args.preset})
     print(json.dumps({"out": args.out, **last}))
+
+
+def cmd_cache(args) -> None:
+    from .cache import build_cache
+
+    out = build_cache(args.list, args.out, root=args.root, decode_size=args.decode_size, workers=args.workers,
+                      skip_bad=args.skip_bad, overwrite=args.overwrite)
+    print(json.dumps({"out": str(out)}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,10 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             cmd_pretrain(args)
         elif args.command == "synth":
             cmd_synth(args)
+        elif args.command == "cache":
+            cmd_cache(args)
         elif args.command == "presets":
             for name, values in PRESETS.items():
                 print(name, json.dumps(values))
-    except (ConfigError, RunError, FloatingPointError) as err:
+    except (ConfigError, DataError, RunError, FloatingPointError) as err:
         print(f"bwssl {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -159,6 +159,21 @@ class TrainConfig:
         return self
 
 
+@dataclass
+class DataConfig:
+    sampling_rate: int = 0  # frames between sampled frames; 0: 1 for a `bwssl synth` folder, else 4 (VideoMAE)
+    repeats: int = 1  # clips sampled from each decoded video (VideoMAE's repeated sampling)
+    augment: bool = True  # random resized crop (scale 0.5-1) and, with flip, horizontal flip
+    flip: bool = True  # off for direction-sensitive labels (SSv2)
+    skip_bad: bool = False  # skip (and list) bad videos instead of stopping
+
+    def validate(self) -> "DataConfig":
+        if self.sampling_rate < 0 or self.repeats < 1:
+            raise ConfigError(f"sampling_rate={self.sampling_rate}, repeats={self.repeats}: "
+                              f"expected sampling_rate >= 0 and repeats >= 1")
+        return self
+
+
 _VIT_224 = dict(img_size=224, num_frames=16, tubelet_size=2, patch_size=16)
 PRESETS: dict[str, dict] = {
     # VideoMAE's sizes (Tong et al. 2022): width / depth / heads, decoder width / depth / heads
@@ -206,5 +221,5 @@ def to_dict(cfg) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-__all__ = ["PIXEL_MEAN", "PIXEL_STD", "ConfigError", "ModelConfig", "TrainConfig", "PRESETS", "model_config",
+__all__ = ["PIXEL_MEAN", "PIXEL_STD", "ConfigError", "ModelConfig", "TrainConfig", "DataConfig", "PRESETS", "model_config",
            "uniform_partition", "parse_partition", "num_keep", "from_dict", "to_dict"]

@@ -187,7 +187,6 @@ def write_mp4(path: Path, frames: torch.Tensor, fps: int = 8, crf: int = 10, pix
 
 def _write_chunk(job) -> int:
     factors, cfg, paths = job
-    torch.set_num_threads(1)
     for clip, path in zip(render(factors, cfg), paths):
         write_mp4(Path(path), clip)
     return len(paths)
@@ -218,7 +217,8 @@ def write_dataset(out: str | Path, n_train: int = 2000, n_val: int = 500, cfg: S
             jobs.append((part, cfg, [str(out / p) for p in names[s:s + chunk]]))
         rows += [{"path": p, "split": split, **{k: int(f[k][i]) for k in FAMILIES}} for i, p in enumerate(names)]
     if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(1,)) as pool:
             list(pool.map(_write_chunk, jobs))
     else:
         list(map(_write_chunk, jobs))

@@ -5,6 +5,7 @@ checkpoint.pt (model, optimiser, step, RNG states; written atomically, loaded wi
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -26,6 +27,10 @@ from .masking import tube_mask
 from .model import VideoMAE
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt")
+# buffers (position tables, pixel statistics) are the same on every rank: no per-step broadcast
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 # TrainConfig fields that may change when a run is resumed (they do not change the result)
 RESUMABLE = {"log_every", "ckpt_every", "compile"}
 
@@ -104,7 +109,7 @@ class Trainer:
         for m in modules:
             if self.world > 1:
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                m = DistributedDataParallel(m, device_ids=ids, broadcast_buffers=False)
+                m = DistributedDataParallel(m, device_ids=ids, **_NO_BUFFER_SYNC)
             if self.tcfg.compile:
                 m.compile()
             wrapped.append(m)
@@ -240,6 +245,7 @@ class Trainer:
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
+            dist.barrier()  # no rank tears gloo down while another still talks to it
             dist.destroy_process_group()
 
 

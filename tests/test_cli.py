@@ -27,6 +27,7 @@ def test_pretrain_from_the_command_line(tmp_path, capsys):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"]["dec_shared"] is True and config["model"]["mask_ratio"] == 0.5
     assert config["model"]["partition"] == [2, 2] and config["preset"] == "tiny"
+    assert config["data"]["path"] == "synthetic"
 
 
 def test_pretrain_from_a_clip_file(tmp_path):
@@ -65,3 +66,41 @@ def test_resume_and_refusals(tmp_path, capsys):
     assert main([*run, "--resume", "--steps", "3"]) == 2  # a longer run would change the schedule
     assert main([*run, "--resume", "--log-every", "5"]) == 0  # already finished: nothing to do
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory):
+    data = tmp_path_factory.mktemp("synth")
+    assert main(["synth", "--out", str(data), "--n-train", "8", "--n-val", "4", "--size", "32", "--frames", "4",
+                 "--workers", "1"]) == 0
+    return data
+
+
+def test_pretrain_from_a_data_folder_and_its_cache(tmp_path, synth_data):
+    cache = tmp_path / "cache"
+    assert main(["cache", "--list", str(synth_data / "train.csv"), "--out", str(cache)]) == 0
+    for source in (synth_data, cache):
+        out = tmp_path / f"run-{source.name}"
+        assert main(["pretrain", "--out", str(out), "--data", str(source), *TINY, "--workers", "0"]) == 0
+        data = json.loads((out / "config.json").read_text())["data"]
+        assert data["path"] == str(source) and data["augment"] is True
+        assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
+
+
+def test_dataset_batches_resume_exactly(synth_data):
+    from bwssl_core.batches import DatasetBatches
+    from bwssl_core.video import VideoClips, train_transform
+
+    clips = VideoClips(synth_data / "train.csv", num_frames=4, sampling_rate=1, transform=train_transform(32))
+    source = DatasetBatches(clips, batch_size=4, seed=0, workers=0)
+    whole = [b for _, b in zip(range(5), source(0))]  # 8 videos, 2 steps an epoch: crosses two epochs
+    resumed = [b for _, b in zip(range(2), source(3))]
+    assert all(torch.equal(a, b) for a, b in zip(whole[3:], resumed))
+    assert not torch.equal(whole[0], whole[2])  # another epoch: another order and other crops
+    halves = [next(iter(source(3, rank, 2))) for rank in (0, 1)]
+    assert torch.equal(torch.cat(halves), whole[3])  # two processes split the same global batch
+
+
+def test_data_that_is_not_there(tmp_path, capsys):
+    assert main(["pretrain", "--out", str(tmp_path / "run"), *TINY, "--data", str(tmp_path)]) == 2
+    assert "expected 'synthetic', a .pt clip file, a clip cache" in capsys.readouterr().err

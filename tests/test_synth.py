@@ -1,0 +1,103 @@
+"""The embedded default data set: deterministic, balanced, decodable, and it needs time."""
+import decord
+import torch
+from torch import nn
+
+from bwssl_core.cli import main
+from bwssl_core.synth import FAMILIES, SynthConfig, render, sample_factors, split_factors, synth_batch
+
+
+def test_deterministic_per_seed_and_balanced():
+    cfg = SynthConfig(size=32, frames=8)
+    a, la = synth_batch(48, cfg, torch.Generator().manual_seed(3))
+    b, lb = synth_batch(48, cfg, torch.Generator().manual_seed(3))
+    c, _ = synth_batch(48, cfg, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and all(torch.equal(la[k], lb[k]) for k in FAMILIES)
+    assert not torch.equal(a, c)
+    assert a.shape == (48, 3, 8, 32, 32) and a.dtype == torch.uint8
+    for name, k in FAMILIES.items():
+        assert torch.bincount(la[name], minlength=k).tolist() == [48 // k] * k, name
+    # families are drawn independently: motion does not determine shape
+    joint = torch.zeros(8, 4)
+    f = sample_factors(3200, cfg, torch.Generator().manual_seed(0))
+    joint.index_put_((f["motion"], f["shape"]), torch.ones(3200), accumulate=True)
+    assert joint.min() > 50  # every (motion, shape) pair occurs, about 100 times each
+
+
+def test_motion_is_what_the_label_says():
+    cfg = SynthConfig(size=64, frames=8, distractor=0.0)
+    f = sample_factors(64, cfg, torch.Generator().manual_seed(0))
+    clips = render(f, cfg).float()  # (n, T, H, W, C)
+    background = clips[:, :, :, :, :].median(dim=1).values  # the object moves: the median is mostly background
+    xs = torch.arange(64.0)
+    for i in range(64):
+        moving = (clips[i] - background[i]).abs().sum(-1) > 60  # (T, H, W) object pixels
+        area = moving.flatten(1).sum(1).float()
+        cx = (moving.sum(1) * xs).sum(1) / area.clamp(min=1)
+        cy = (moving.sum(2) * xs).sum(1) / area.clamp(min=1)
+        m = int(f["motion"][i])
+        if m < 4:
+            dx, dy = (cx[-1] - cx[0]).item(), (cy[-1] - cy[0]).item()
+            assert {0: dx > 5, 1: dx < -5, 2: dy > 5, 3: dy < -5}[m], (i, m, dx, dy)
+        elif m >= 6:
+            grows = area[-1] > area[0]
+            assert grows == (m == 6), (i, m, area[0].item(), area[-1].item())
+
+
+def test_written_mp4s_decode_to_the_generated_frames(tmp_path):
+    assert main(["synth", "--out", str(tmp_path), "--n-train", "8", "--n-val", "4", "--size", "32",
+                 "--frames", "8", "--workers", "1"]) == 0
+    lines = (tmp_path / "train.csv").read_text().splitlines()
+    assert len(lines) == 8 and lines[0].startswith("videos/train/000000.mp4 ")
+    meta = (tmp_path / "metadata.csv").read_text().splitlines()
+    assert meta[0] == "path,split," + ",".join(FAMILIES) and len(meta) == 13
+    cfg = SynthConfig(size=32, frames=8)
+    f = split_factors(8, cfg, 0, "train")
+    clips = render(f, cfg)
+    for i, line in enumerate(lines):
+        path, label = line.rsplit(" ", 1)
+        assert int(label) == int(f["motion"][i])
+        frames = torch.from_numpy(decord.VideoReader(str(tmp_path / path)).get_batch(list(range(8))).asnumpy())
+        err = (frames.float() - clips[i].float()).abs()
+        assert frames.shape == (8, 32, 32, 3) and err.mean() < 2 and err.max() < 64, (err.mean(), err.max())
+    assert main(["synth", "--out", str(tmp_path), "--n-train", "8", "--n-val", "4"]) == 2  # no silent overwrite
+
+
+def small_cnn(in_chans, classes):
+    """Three conv layers with batch norm and a global max pool: sees colour and shape anywhere."""
+    def conv(i, o):
+        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+    return nn.Sequential(*conv(in_chans, 32), nn.MaxPool2d(2), *conv(32, 64), nn.MaxPool2d(2), *conv(64, 64),
+                         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, classes))
+
+
+def _accuracy(x_tr, y_tr, x_va, y_va, classes, epochs=10):
+    torch.manual_seed(0)
+    net = small_cnn(x_tr.shape[1], classes)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x_tr)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x_tr[idx]), y_tr[idx]).backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        return (net(x_va).argmax(1) == y_va).float().mean().item()
+
+
+def test_the_data_set_needs_time():
+    """One frame tells the shape but not the motion; frame differences tell the motion."""
+    cfg = SynthConfig(size=32, frames=8)
+    clips, labels = synth_batch(1600, cfg, torch.Generator().manual_seed(0))
+    x = clips.float() / 255 - 0.5  # (N, C, T, H, W)
+    one_frame = x[:, :, 4]  # (N, C, H, W): a CNN sees colour and shape wherever the object is
+    diffs = (x[:, :, 1:] - x[:, :, :-1]).flatten(1, 2)  # (N, C * (T - 1), H, W)
+    tr, va = slice(0, 1200), slice(1200, 1600)
+    acc = {}
+    for name, feats in (("frame", one_frame), ("diffs", diffs)):
+        for fam in ("shape", "motion") if name == "frame" else ("motion",):
+            y = labels[fam]
+            acc[name, fam] = _accuracy(feats[tr], y[tr], feats[va], y[va], FAMILIES[fam])
+    assert acc["frame", "shape"] > 0.8, acc  # measured 0.95
+    assert acc["frame", "motion"] < 0.25, acc  # chance is 0.125; measured 0.15
+    assert acc["diffs", "motion"] > 0.8, acc  # measured 0.995
