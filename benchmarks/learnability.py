@@ -14,38 +14,12 @@ import json
 import time
 from pathlib import Path
 
-import decord
-import numpy as np
 import torch
 
-from bwssl_core import TrainConfig, VideoMAE, model_config
+from bwssl_core import TrainConfig, model_config
+from bwssl_core.evaluate import best_layer_table, depthwise, load_split
 from bwssl_core.io import save_json
-from bwssl_core.probe import POOLINGS, layer_features, linear_probe, pixel_features
-from bwssl_core.synth import FAMILIES
 from bwssl_core.train import Trainer
-
-
-def decode_split(data: Path, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """All clips of a split as uint8 (N, C, T, H, W) and their labels from metadata.csv."""
-    rows = [line.split(",") for line in (data / "metadata.csv").read_text().splitlines()]
-    head, rows = rows[0], [r for r in rows[1:] if r[1] == split]
-    clips = []
-    for r in rows:
-        vr = decord.VideoReader(str(data / r[0]), num_threads=1)
-        clips.append(torch.from_numpy(vr.get_batch(list(range(len(vr)))).asnumpy()))
-    labels = {k: torch.tensor([int(r[head.index(k)]) for r in rows]) for k in FAMILIES}
-    return torch.stack(clips).permute(0, 4, 1, 2, 3).contiguous(), labels
-
-
-def probe_all(feats_by_model: dict, labels_tr, labels_va) -> dict:
-    results = {}
-    for name, (tr, va) in feats_by_model.items():
-        for pool in tr:
-            for fam in FAMILIES:
-                accs = [linear_probe(tr[pool][i], labels_tr[fam], va[pool][i], labels_va[fam])["acc"]
-                        for i in range(len(tr[pool]))]
-                results[f"{name}/{pool}/{fam}"] = accs
-    return results
 
 
 def main(argv=None):
@@ -60,11 +34,11 @@ def main(argv=None):
     p.add_argument("--mask-ratio", type=float, default=0.9)
     args = p.parse_args(argv)
 
-    tic = time.time()
-    train_clips, labels_tr = decode_split(args.data, "train")
-    val_clips, labels_va = decode_split(args.data, "val")
-    print(f"decoded {len(train_clips)} + {len(val_clips)} clips in {time.time() - tic:.0f}s", flush=True)
     cfg = model_config("cpu", blocks=args.blocks, norm_target=not args.plain_target, mask_ratio=args.mask_ratio)
+    tic = time.time()
+    train_clips, labels_tr = load_split(args.data, "train", cfg)
+    val_clips, labels_va = load_split(args.data, "val", cfg)
+    print(f"decoded {len(train_clips)} + {len(val_clips)} clips in {time.time() - tic:.0f}s", flush=True)
     b = args.batch_size
 
     def batches(start, rank, world):  # epochs of shuffled training clips, deterministic per step
@@ -94,25 +68,17 @@ def main(argv=None):
     train_s = time.time() - t0
     print(f"trained {steps} steps in {train_s:.0f}s, last losses {last['loss']}", flush=True)
 
-    torch.manual_seed(tcfg.seed)
-    random_init = VideoMAE(cfg)  # the trained model's starting weights
     t0 = time.time()
-    feats = {
-        "trained": (layer_features(trainer.model, train_clips), layer_features(trainer.model, val_clips)),
-        "random": (layer_features(random_init, train_clips), layer_features(random_init, val_clips)),
-        "pixels": tuple(pixel_features(c, cfg.tubelet_size, cfg.patch_size, cfg.grid) for c in (train_clips, val_clips)),
-    }
-    results = probe_all(feats, labels_tr, labels_va)
+    results = depthwise(trainer.model, (train_clips, labels_tr), (val_clips, labels_va), seed=tcfg.seed)
     probe_s = time.time() - t0
     save_json(args.out / "learnability.json", {"config": {"model": cfg.__dict__, "steps": steps, "batch": b,
                "lr": args.lr}, "train_seconds": train_s, "probe_seconds": probe_s, "per_step": per_step,
                "last": last, "results": results})
     print(f"\nbest layer, validation top-1 ({steps} steps, {train_s:.0f}s training, {probe_s:.0f}s probing)")
     print(f"{'family':9s} {'pooling':7s} {'trained':>8s} {'random':>8s} {'pixels':>8s} {'gain':>7s}")
-    for fam in FAMILIES:
-        for pool in POOLINGS:
-            tr, rn, px = (max(results[f"{m}/{pool}/{fam}"]) for m in ("trained", "random", "pixels"))
-            print(f"{fam:9s} {pool:7s} {tr:8.3f} {rn:8.3f} {px:8.3f} {tr - rn:+7.3f}")
+    for row in best_layer_table(results):
+        print(f"{row['family']:9s} {row['pooling']:7s} {row['trained']:8.3f} {row['random_init']:8.3f} "
+              f"{row['pixels']:8.3f} {row['trained'] - row['random_init']:+7.3f}")
 
 
 if __name__ == "__main__":

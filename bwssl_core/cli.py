@@ -81,6 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-bad", action="store_true", help="skip and list bad videos instead of stopping")
     c.add_argument("--overwrite", action="store_true")
 
+    q = sub.add_parser("probe", help="per-layer linear probes and retrieval of a run, with controls",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--run", required=True, help="run folder with checkpoint.pt")
+    q.add_argument("--data", required=True, help="data folder with train.csv and val.csv (metadata.csv: all families)")
+    q.add_argument("--families", help="comma-separated label families (default: all the data has)")
+    q.add_argument("--sampling-rate", type=int, help="default: 1 for a `bwssl synth` folder, else 4")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", help="default: the local GPU if any")
+    q.add_argument("--overwrite", action="store_true", help="replace the run's probe.json")
+
+    a = sub.add_parser("analyze", help="CKA, representational change and attention metrics of a run",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--run", required=True, help="run folder with checkpoint.pt")
+    a.add_argument("--vs", help="a second run: adds the CKA matrix between the two runs' layers")
+    a.add_argument("--data", required=True, help="data folder; its validation clips are analysed")
+    a.add_argument("--split", default="val")
+    a.add_argument("--batch-size", type=int, default=50, help="clips per minibatch-CKA batch")
+    a.add_argument("--sampling-rate", type=int, help="default: 1 for a `bwssl synth` folder, else 4")
+    a.add_argument("--device", help="default: the local GPU if any")
+    a.add_argument("--overwrite", action="store_true", help="replace the run's analyze.json")
+
     sub.add_parser("presets", help="list the model presets")
     return parser
 
@@ -168,6 +189,45 @@ def cmd_cache(args) -> None:
     print(json.dumps({"out": str(out)}))
 
 
+def cmd_probe(args) -> None:
+    from .evaluate import best_layer_table, depthwise, load_split
+    from .io import save_json
+    from .train import default_device, load_run
+
+    out = Path(args.run) / "probe.json"
+    if out.exists() and not args.overwrite:
+        raise RunError(f"{out} exists: pass --overwrite to replace it")
+    device = args.device or default_device()
+    model, config = load_run(args.run, device)
+    train = load_split(args.data, "train", model.cfg, args.sampling_rate)
+    val = load_split(args.data, "val", model.cfg, args.sampling_rate)
+    families = args.families.split(",") if args.families else None
+    results = depthwise(model, train, val, families, seed=config["train"]["seed"], device=device)
+    save_json(out, {"run": str(args.run), "data": str(args.data), "results": results})
+    for row in best_layer_table(results):
+        print(json.dumps(row))
+
+
+def cmd_analyze(args) -> None:
+    from .analyze import analyze
+    from .evaluate import load_split
+    from .io import save_json
+    from .train import default_device, load_run
+
+    out = Path(args.run) / "analyze.json"
+    if out.exists() and not args.overwrite:
+        raise RunError(f"{out} exists: pass --overwrite to replace it")
+    device = args.device or default_device()
+    model, _ = load_run(args.run, device)
+    other = load_run(args.vs, device)[0] if args.vs else None
+    if other is not None and other.cfg.grid != model.cfg.grid:
+        raise ConfigError(f"--vs {args.vs}: token grid {other.cfg.grid}, expected {model.cfg.grid} as {args.run}")
+    clips, _ = load_split(args.data, args.split, model.cfg, args.sampling_rate)
+    result = analyze(model, clips, other, batch_size=args.batch_size, device=device)
+    save_json(out, {"run": str(args.run), "vs": args.vs, "data": str(args.data), **result})
+    print(json.dumps({"out": str(out), "layers": result["layers"], "clips": result["clips"]}))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -177,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_synth(args)
         elif args.command == "cache":
             cmd_cache(args)
+        elif args.command == "probe":
+            cmd_probe(args)
+        elif args.command == "analyze":
+            cmd_analyze(args)
         elif args.command == "presets":
             for name, values in PRESETS.items():
                 print(name, json.dumps(values))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import normalize_video
+from .config import ConfigError
 from .masking import patchify
 from .model import VideoMAE
 
@@ -94,7 +95,14 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
                  max_iter: int = 100) -> dict:
     """Top-1 on validation of a logistic regression on standardised features, its l2 chosen on a
     held-out part of the training split, then refit on the whole training split."""
+    if len(train_x) != len(train_y) or len(val_x) != len(val_y):
+        raise ConfigError(f"features and labels differ in length: train {len(train_x)} vs {len(train_y)}, "
+                         f"validation {len(val_x)} vs {len(val_y)}")
     num_classes = int(max(train_y.max(), val_y.max())) + 1
+    if len(train_x) < 2 * num_classes / (1 - holdout):
+        raise ConfigError(f"{len(train_x)} training samples are fewer than the probe needs for {num_classes} "
+                         f"classes (at least {int(2 * num_classes / (1 - holdout)) + 1}: two per class to fit, "
+                         f"plus a {holdout:.0%} held-out part to choose l2)")
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     tx, vx = (train_x - mean) / std, (val_x - mean) / std
     order = torch.randperm(len(tx), generator=torch.Generator().manual_seed(seed))
@@ -110,3 +118,19 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
     with torch.no_grad():
         acc = (clf(vx).argmax(1) == val_y).float().mean().item()
     return {"acc": acc, "l2": best, "holdout_acc": scores[best]}
+
+
+@torch.no_grad()
+def retrieval(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+              ks=(1, 5, 10, 20, 50), chunk: int = 1024) -> dict[str, float]:
+    """VCOP / CoCLR protocol: every validation clip queries the training gallery by cosine
+    similarity; a hit at k when any of its k nearest shares its label. No clip is dropped."""
+    if len(train_x) < max(ks):
+        raise ConfigError(f"a gallery of {len(train_x)} clips is smaller than R@{max(ks)} needs")
+    gallery = F.normalize(train_x.float(), dim=1)
+    hits = []
+    for q, y in zip(F.normalize(val_x.float(), dim=1).split(chunk), val_y.split(chunk)):
+        top = (q @ gallery.T).topk(max(ks), dim=1).indices  # (n, kmax)
+        hits.append(train_y[top] == y[:, None])
+    hits = torch.cat(hits)
+    return {f"R@{k}": hits[:, :k].any(1).float().mean().item() for k in ks}

@@ -4,8 +4,9 @@ Datasets return uint8 clips; the trainer normalises them on its device with
 `bwssl_core.batches.normalize_video`. Randomness: item i of epoch e draws its clip starts and its
 transform from generators seeded by (seed, e, i), whatever process or DataLoader worker runs it, so a
 clip is a function of (seed, epoch, index) and VideoClips and CachedClips agree exactly. Call
-`set_epoch(e)` at the start of each epoch (as with DistributedSampler); without it every epoch sees
-the same clips. The transform runs under `torch.random.fork_rng`, so the global RNG is left as it was.
+`set_epoch(e)` at the start of each epoch (as with DistributedSampler), or ask for index
+i + e * len(dataset), which reaches persistent workers too (batches.DatasetBatches does this);
+otherwise every epoch sees the same clips. The transform runs under `torch.random.fork_rng`, so the global RNG is left as it was.
 """
 from __future__ import annotations
 

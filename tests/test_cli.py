@@ -71,7 +71,7 @@ def test_resume_and_refusals(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory):
     data = tmp_path_factory.mktemp("synth")
-    assert main(["synth", "--out", str(data), "--n-train", "8", "--n-val", "4", "--size", "32", "--frames", "4",
+    assert main(["synth", "--out", str(data), "--n-train", "40", "--n-val", "16", "--size", "32", "--frames", "4",
                  "--workers", "1"]) == 0
     return data
 
@@ -93,14 +93,59 @@ def test_dataset_batches_resume_exactly(synth_data):
 
     clips = VideoClips(synth_data / "train.csv", num_frames=4, sampling_rate=1, transform=train_transform(32))
     source = DatasetBatches(clips, batch_size=4, seed=0, workers=0)
-    whole = [b for _, b in zip(range(5), source(0))]  # 8 videos, 2 steps an epoch: crosses two epochs
-    resumed = [b for _, b in zip(range(2), source(3))]
-    assert all(torch.equal(a, b) for a, b in zip(whole[3:], resumed))
-    assert not torch.equal(whole[0], whole[2])  # another epoch: another order and other crops
-    halves = [next(iter(source(3, rank, 2))) for rank in (0, 1)]
-    assert torch.equal(torch.cat(halves), whole[3])  # two processes split the same global batch
+    whole = [b for _, b in zip(range(12), source(0))]  # 40 videos, 10 steps an epoch: crosses two epochs
+    resumed = [b for _, b in zip(range(3), source(9))]
+    assert all(torch.equal(a, b) for a, b in zip(whole[9:], resumed))
+    assert not torch.equal(whole[0], whole[10])  # another epoch: another order and other crops
+    halves = [next(iter(source(10, rank, 2))) for rank in (0, 1)]
+    assert torch.equal(torch.cat(halves), whole[10])  # two processes split the same global batch
 
 
 def test_data_that_is_not_there(tmp_path, capsys):
     assert main(["pretrain", "--out", str(tmp_path / "run"), *TINY, "--data", str(tmp_path)]) == 2
     assert "expected 'synthetic', a .pt clip file, a clip cache" in capsys.readouterr().err
+
+
+def test_probe_a_run(tmp_path, synth_data, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--out", str(run), "--data", str(synth_data), *TINY, "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert main(["probe", "--run", str(run), "--data", str(synth_data), "--families", "motion,colour",
+                 "--device", "cpu"]) == 0
+    results = json.loads((run / "probe.json").read_text())["results"]
+    assert set(results) == {"trained", "random_init", "pixels"}
+    motion = results["trained"]["slices"]["motion"]
+    assert len(motion["acc"]) == 4 and len(results["pixels"]["mean"]["colour"]["acc"]) == 1
+    assert set(motion) == {"acc", "l2", "R@1", "R@5", "R@10", "R@20"}  # R@50 needs a gallery of 50
+    assert all(0 <= a <= 1 for a in motion["acc"]) and motion["R@20"][0] >= motion["R@1"][0]
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {(r["family"], r["pooling"]) for r in rows} == {(f, p) for f in ("motion", "colour")
+                                                           for p in ("mean", "slices", "grid")}
+    assert main(["probe", "--run", str(run), "--data", str(synth_data)]) == 2  # no silent overwrite
+    assert "probe.json exists" in capsys.readouterr().err
+
+
+def test_probe_names_a_missing_family(tmp_path, synth_data, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--out", str(run), "--data", str(synth_data), *TINY, "--workers", "0"]) == 0
+    assert main(["probe", "--run", str(run), "--data", str(synth_data), "--families", "texture"]) == 2
+    assert "label families ['texture'] are not in the data" in capsys.readouterr().err
+
+
+def test_analyze_a_run_against_another(tmp_path, synth_data, capsys):
+    runs = []
+    for k in (1, 2):
+        run = tmp_path / f"k{k}"
+        assert main(["pretrain", "--out", str(run), "--data", str(synth_data), *TINY, "--workers", "0",
+                     "--blocks", str(k)]) == 0
+        runs.append(run)
+    assert main(["analyze", "--run", str(runs[0]), "--vs", str(runs[1]), "--data", str(synth_data),
+                 "--batch-size", "8", "--device", "cpu"]) == 0
+    result = json.loads((runs[0] / "analyze.json").read_text())
+    within = torch.tensor(result["cka_within"])
+    assert within.shape == (4, 4) and torch.allclose(within.diagonal(), torch.ones(4, dtype=within.dtype))
+    assert torch.tensor(result["cka_across"]).shape == (4, 4)
+    assert len(result["token_relative_change"]) == 3 and len(result["knn_overlap"]) == 3
+    assert len(result["attention"]) == 4 and result["cka_clips"] == 16
+    assert main(["analyze", "--run", str(runs[0]), "--data", str(synth_data), "--batch-size", "32"]) == 2
+    assert "analyze.json exists" in capsys.readouterr().err

@@ -152,3 +152,31 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     _assert_same(_weights(killed), _weights(tmp_path / "whole"))
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]  # the lines past the checkpoint were replaced, not repeated
+
+
+def test_compiled_blocks_train_like_eager(tiny, tmp_path):
+    """--compile: every block and decoder through torch.compile (inductor on the CPU here)."""
+    cfg = tiny(partition=(2, 2))
+    video = MovingShapes(cfg, 4).batch(0)
+    weights, losses = {}, {}
+    for compiled in (False, True):
+        trainer = Trainer(cfg, _train_cfg(steps=3, compile=compiled), tmp_path / str(compiled), device="cpu")
+        losses[compiled] = torch.stack([torch.stack(trainer.train_step(video)) for _ in range(3)])
+        weights[compiled] = trainer.model.state_dict()
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-5)
+    _assert_same(weights[True], weights[False], exact=False)
+
+
+def test_bf16_autocast(tiny, tmp_path):
+    cfg = tiny(partition=(2, 2))
+    video = MovingShapes(cfg, 4).batch(0)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        trainer = Trainer(cfg, _train_cfg(steps=20, precision=precision, base_lr=0.1), tmp_path / precision,
+                          device="cpu")
+        runs[precision] = torch.stack([torch.stack(trainer.train_step(video)) for _ in range(20)])
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
+    assert torch.isfinite(runs["bf16"]).all()
+    assert (runs["bf16"][-5:].mean(0) < runs["bf16"][:3].mean(0)).all()  # it learns
+    assert not torch.equal(runs["bf16"], runs["fp32"])  # autocast was on
+    torch.testing.assert_close(runs["bf16"][0], runs["fp32"][0], rtol=0.02, atol=0.02)

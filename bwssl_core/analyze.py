@@ -1,0 +1,55 @@
+"""Similarity and change across depth, and attention metrics, for one model or two (E2E vs BWSSL)."""
+from __future__ import annotations
+
+import torch
+
+from .attention import layer_summary
+from .batches import normalize_video
+from .config import ConfigError
+from .model import VideoMAE
+from .similarity import MinibatchCKA, consecutive_cka, effective_rank, knn_overlap, relative_change
+
+
+@torch.no_grad()
+def pooled_layers(model: VideoMAE, clips: torch.Tensor, batch_size: int, device) -> tuple[list, list[float]]:
+    """Mean-pooled features per layer [(N, D)] and the token-level relative change between
+    consecutive layers, sqrt(sum ||x_l+1 - x_l||^2 / sum ||x_l||^2) over all tokens of all clips."""
+    model = model.to(device).eval()
+    pooled, diff, norm = None, None, None
+    for batch in clips.split(batch_size):
+        feats = model.forward_intermediates(normalize_video(batch.to(device)))  # [(B, L, D)]
+        means = [f.mean(1).double().cpu() for f in feats]
+        d = torch.stack([(b - a).double().pow(2).sum() for a, b in zip(feats, feats[1:])]).cpu()
+        n = torch.stack([a.double().pow(2).sum() for a in feats[:-1]]).cpu()
+        pooled = means if pooled is None else [torch.cat([p, m]) for p, m in zip(pooled, means)]
+        diff, norm = (d, n) if diff is None else (diff + d, norm + n)
+    return pooled, (diff / norm).sqrt().tolist()
+
+
+def analyze(model: VideoMAE, clips: torch.Tensor, other: VideoMAE | None = None, batch_size: int = 50,
+            attention_clips: int = 8, knn: int = 10, device="cpu") -> dict:
+    """CKA across layers (minibatch, over fixed batches of `batch_size` clips; a short last batch is
+    left out of CKA only), change between consecutive layers, effective rank and attention metrics.
+    clips: uint8 (N, C, T, H, W). With `other`, also the CKA matrix between the two models' layers."""
+    usable = len(clips) // batch_size * batch_size
+    if usable < batch_size:
+        raise ConfigError(f"{len(clips)} clips, fewer than one CKA batch of {batch_size}")
+    pooled, token_change = pooled_layers(model, clips, batch_size, device)
+    out = {"layers": len(pooled), "clips": len(clips), "cka_clips": usable,
+           "token_relative_change": token_change, "pooled_relative_change": relative_change(pooled),
+           "consecutive_cka": consecutive_cka(pooled), "knn_overlap": knn_overlap(pooled, knn),
+           "effective_rank": [effective_rank(p) for p in pooled]}
+    within = MinibatchCKA()
+    for i in range(0, usable, batch_size):
+        within.update([p[i:i + batch_size] for p in pooled])
+    out["cka_within"] = within.compute().tolist()
+    if other is not None:
+        other_pooled, other_change = pooled_layers(other, clips, batch_size, device)
+        across = MinibatchCKA()
+        for i in range(0, usable, batch_size):
+            across.update([p[i:i + batch_size] for p in pooled], [p[i:i + batch_size] for p in other_pooled])
+        out["cka_across"] = across.compute().tolist()
+        out["other_token_relative_change"] = other_change
+    video = normalize_video(clips[:attention_clips].to(device))
+    out["attention"] = layer_summary(model.to(device), video)
+    return out

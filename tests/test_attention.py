@@ -1,0 +1,64 @@
+import math
+
+import torch
+
+from bwssl_core import VideoMAE
+from bwssl_core.attention import (attention_entropy, attention_rollout, layer_summary, mean_attention_distance,
+                                  self_attention, token_positions)
+from bwssl_core.masking import tube_mask
+
+
+def test_token_positions_follow_the_3d_grid(tiny):
+    cfg = tiny()  # grid (2, 4, 4), tubelet 2 x 8 x 8
+    pos = token_positions(cfg)
+    assert pos.shape == (32, 3)
+    assert pos[0].tolist() == [0.5, 3.5, 3.5]
+    assert pos[16 + 4 * 2 + 3].tolist() == [2.5, 2 * 8 + 3.5, 3 * 8 + 3.5]  # t=1, h=2, w=3
+    ids = torch.tensor([[0, 5], [31, 16]])
+    assert torch.equal(token_positions(cfg, ids)[1, 0], pos[31])
+
+
+def test_mean_attention_distance_by_brute_force(tiny):
+    cfg = tiny()
+    pos = token_positions(cfg)
+    N = len(pos)
+    identity = torch.eye(N).expand(2, 3, N, N)
+    s, t = mean_attention_distance(identity, pos)
+    assert s.tolist() == [0.0] * 3 and t.tolist() == [0.0] * 3
+    uniform = torch.full((1, 1, N, N), 1.0 / N)
+    s, t = mean_attention_distance(uniform, pos)
+    brute_s = sum(math.dist(p[1:], q[1:]) for p in pos.tolist() for q in pos.tolist()) / N / N
+    brute_t = sum(abs(p[0] - q[0]) for p in pos.tolist() for q in pos.tolist()) / N / N
+    assert abs(s.item() - brute_s) < 1e-4 and abs(t.item() - brute_t) < 1e-5
+    # every token looks at the same spatial place in the other temporal slice: space 0, time 2 frames
+    other = torch.zeros(1, 1, N, N)
+    idx = torch.arange(N)
+    other[0, 0, idx, (idx + 16) % 32] = 1
+    s, t = mean_attention_distance(other, pos)
+    assert s.item() == 0 and t.item() == 2.0
+
+
+def test_entropy_self_attention_and_rollout():
+    N = 6
+    uniform = torch.full((2, 2, N, N), 1 / N)
+    eye = torch.eye(N).expand(2, 2, N, N)
+    torch.testing.assert_close(attention_entropy(uniform), torch.full((2,), math.log(N)))
+    torch.testing.assert_close(attention_entropy(eye), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(self_attention(uniform), torch.full((2,), 1 / N))
+    torch.testing.assert_close(self_attention(eye), torch.ones(2))
+    torch.testing.assert_close(attention_rollout([eye, eye]), torch.eye(N).expand(2, N, N))
+    rolled = attention_rollout([uniform, uniform])
+    torch.testing.assert_close(rolled.sum(-1), torch.ones(2, N))
+    # one layer of uniform attention: 0.5 / N to every token plus 0.5 to itself
+    torch.testing.assert_close(attention_rollout([uniform])[0, 0, :2], torch.tensor([0.5 + 0.5 / N, 0.5 / N]))
+
+
+def test_layer_summary_on_a_model_with_and_without_mask(tiny, clips):
+    model = VideoMAE(tiny(partition=(2, 2)))
+    video = clips()
+    rows = layer_summary(model, video)
+    assert len(rows) == 4 and len(rows[0]["spatial_px"]) == model.cfg.num_heads
+    assert all(0 < v < 32 for r in rows for v in r["spatial_px"])
+    mask = tube_mask(4, model.cfg.grid, 0.75, torch.Generator().manual_seed(0))
+    masked = layer_summary(model, video, mask)
+    assert masked[0]["entropy"][0] < rows[0]["entropy"][0]  # fewer tokens to spread over
