@@ -120,7 +120,7 @@ class CachedClips(ClipSampler):
 
     def __init__(self, cache_dir: str | Path, num_frames: int = 16, sampling_rate: int = 4, mode: str = "train",
                  num_clips: int = 1, num_crops: int = 1, transform=None, repeats: int = 1, skip_bad: bool = False,
-                 seed: int = 0):
+                 bad_list_out: str | Path | None = None, seed: int = 0):
         super().__init__(num_frames, sampling_rate, mode, num_clips, num_crops, transform, repeats, seed)
         self.dir = Path(cache_dir)
         try:
@@ -144,7 +144,7 @@ class CachedClips(ClipSampler):
                 self.entries.append(entry)
                 self.videos.append(v)
         if self.bad:
-            report_bad(self.dir / INDEX, len(index["videos"]), self.bad, None)
+            report_bad(self.dir / INDEX, len(index["videos"]), self.bad, bad_list_out)
         self._frames = None  # opened lazily in each process: a memmap must not be pickled into workers
 
     def __getstate__(self):

@@ -141,11 +141,11 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
         raise ConfigError(f"batch_size={tcfg.batch_size}: expected a multiple of repeats={dcfg.repeats}")
     common = dict(num_frames=mcfg.num_frames, sampling_rate=rate, mode="train", repeats=dcfg.repeats,
                   skip_bad=dcfg.skip_bad, seed=tcfg.seed)
-    augment = None
+    augment, bad_list = None, Path(args.out) / "bad_videos.txt"
     if (path / "index.json").exists():  # a clip cache: crops and flips run on the training device
         from .cache import CachedClips, gpu_augment
 
-        dataset = CachedClips(path, **common)
+        dataset = CachedClips(path, bad_list_out=bad_list, **common)
         stored = (dataset.shape[1], dataset.shape[2])
         if dcfg.augment:
             augment = partial(gpu_augment, size=size, flip=dcfg.flip)
@@ -160,13 +160,13 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
             raise ConfigError(f"--data {args.data}: expected 'synthetic', a .pt clip file, a clip cache "
                               f"(index.json) or a data folder with train.csv")
         transform = train_transform(size, flip=dcfg.flip) if dcfg.augment else eval_transform(size)
-        dataset = VideoClips(list_file, transform=transform, bad_list_out=Path(args.out) / "bad_videos.txt",
+        dataset = VideoClips(list_file, transform=transform, bad_list_out=bad_list,
                              **common)
     return DatasetBatches(dataset, tcfg.batch_size // dcfg.repeats, tcfg.seed, args.workers, device, augment)
 
 
 def cmd_pretrain(args) -> None:
-    from .train import default_device, pretrain
+    from .train import claim_folder, default_device, pretrain
 
     overrides = _picked(args, _MODEL_FLAGS)
     if args.partition:
@@ -175,6 +175,8 @@ def cmd_pretrain(args) -> None:
     tcfg = TrainConfig(**_picked(args, _TRAIN_FLAGS)).validate()
     dcfg = DataConfig(**_picked(args, _DATA_FLAGS)).validate()
     device = args.device or default_device()
+    if not args.resume:
+        claim_folder(Path(args.out), args.overwrite)  # before the data writes its list of bad videos there
     source = make_source(args, mcfg, tcfg, dcfg, device)
     last = pretrain(mcfg, tcfg, source, args.out, resume=args.resume, overwrite=args.overwrite, device=device,
                     extra={"data": {"path": args.data, **dataclasses.asdict(dcfg)}, "preset": args.preset})
@@ -189,16 +191,22 @@ def cmd_cache(args) -> None:
     print(json.dumps({"out": str(out)}))
 
 
-def cmd_probe(args) -> None:
-    from .evaluate import best_layer_table, depthwise, load_split
-    from .io import save_json
+def _open_run(args, result: str):
+    """(result path, device, (model, config)) for an analysis of --run; refuses to overwrite."""
     from .train import default_device, load_run
 
-    out = Path(args.run) / "probe.json"
+    out = Path(args.run) / result
     if out.exists() and not args.overwrite:
         raise RunError(f"{out} exists: pass --overwrite to replace it")
     device = args.device or default_device()
-    model, config = load_run(args.run, device)
+    return out, device, load_run(args.run, device)
+
+
+def cmd_probe(args) -> None:
+    from .evaluate import best_layer_table, depthwise, load_split
+    from .io import save_json
+
+    out, device, (model, config) = _open_run(args, "probe.json")
     train = load_split(args.data, "train", model.cfg, args.sampling_rate)
     val = load_split(args.data, "val", model.cfg, args.sampling_rate)
     families = args.families.split(",") if args.families else None
@@ -212,13 +220,9 @@ def cmd_analyze(args) -> None:
     from .analyze import analyze
     from .evaluate import load_split
     from .io import save_json
-    from .train import default_device, load_run
+    from .train import load_run
 
-    out = Path(args.run) / "analyze.json"
-    if out.exists() and not args.overwrite:
-        raise RunError(f"{out} exists: pass --overwrite to replace it")
-    device = args.device or default_device()
-    model, _ = load_run(args.run, device)
+    out, device, (model, _) = _open_run(args, "analyze.json")
     other = load_run(args.vs, device)[0] if args.vs else None
     if other is not None and other.cfg.grid != model.cfg.grid:
         raise ConfigError(f"--vs {args.vs}: token grid {other.cfg.grid}, expected {model.cfg.grid} as {args.run}")

@@ -38,6 +38,10 @@ def save_json(path: Path, obj) -> None:
     _atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
+def save_text(path: Path, text: str) -> None:
+    _atomic(path, lambda f: f.write(text.encode()))
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     _atomic(path, lambda f: torch.save({"version": CHECKPOINT_VERSION, **state}, f))
 

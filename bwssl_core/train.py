@@ -35,6 +35,19 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
 RESUMABLE = {"log_every", "ckpt_every", "compile"}
 
 
+def claim_folder(out: Path, overwrite: bool = False, also=("bad_videos.txt",)) -> None:
+    """Make `out` ready for a new run: refuse a folder that holds one, unless overwrite, which deletes
+    the run's files (and `also`, files written beside them)."""
+    out = Path(out)
+    existing = [f for f in RUN_FILES if (out / f).exists()]
+    if existing and not overwrite:
+        raise RunError(f"{out} already holds a run ({', '.join(existing)}): pass --resume to continue "
+                       f"it, --overwrite to replace it, or choose another --out")
+    if existing:  # and overwrite
+        for f in (*existing, *also):
+            (out / f).unlink(missing_ok=True)
+
+
 def lr_at(step: int, t: TrainConfig) -> float:
     """Linear warmup to base_lr * batch / 256, then cosine down to min_lr (never above the peak)."""
     peak = t.base_lr * t.batch_size / 256
@@ -137,12 +150,7 @@ class Trainer:
             return
         if not self.is_main:  # rank 0 alone checks and writes the folder
             return
-        existing = [f for f in RUN_FILES if (self.out / f).exists()]
-        if existing and not overwrite:
-            raise RunError(f"{self.out} already holds a run ({', '.join(existing)}): pass --resume to continue "
-                           f"it, --overwrite to replace it, or choose another --out")
-        for f in existing:
-            (self.out / f).unlink()
+        claim_folder(self.out, overwrite)
         save_json(self.out / "config.json", self.config)
 
     def _truncate_metrics(self, step: int) -> None:

@@ -23,6 +23,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .config import ConfigError
+from .io import save_text
 from .listfile import DataError, VideoEntry, file_problem, parse_list_file
 
 Size = int | tuple[int, int]
@@ -237,7 +238,7 @@ class VideoClips(ClipSampler):
 def report_bad(list_file: Path, total: int, bad: list[tuple[VideoEntry, str]], out: str | Path | None) -> None:
     """Write the skipped videos to `out` (one `source<TAB>path<TAB>reason` per line) and warn once."""
     if out is not None:
-        Path(out).write_text("".join(f"{e.source}\t{e.path}\t{reason}\n" for e, reason in bad))
+        save_text(Path(out), "".join(f"{e.source}\t{e.path}\t{reason}\n" for e, reason in bad))
     if len(bad) == total:
         raise DataError(f"{list_file}: none of its {total} videos can be read (first: {bad[0][0].path}: {bad[0][1]})")
     if bad:

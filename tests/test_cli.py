@@ -149,3 +149,17 @@ def test_analyze_a_run_against_another(tmp_path, synth_data, capsys):
     assert len(result["attention"]) == 4 and result["cka_clips"] == 16
     assert main(["analyze", "--run", str(runs[0]), "--data", str(synth_data), "--batch-size", "32"]) == 2
     assert "analyze.json exists" in capsys.readouterr().err
+
+
+def test_bad_video_stops_the_run_or_is_listed_with_skip_bad(tmp_path, synth_data, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    broken = data / "videos" / "train" / "000003.mp4"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 3])  # truncated
+    args = ["pretrain", "--data", str(data), *TINY, "--workers", "0", "--steps", "12", "--log-every", "4"]
+    assert main([*args, "--out", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err
+    assert "train.csv:4" in err and "000003.mp4" in err
+    assert main([*args, "--out", str(tmp_path / "lenient"), "--skip-bad"]) == 0
+    listed = (tmp_path / "lenient" / "bad_videos.txt").read_text().splitlines()
+    assert len(listed) == 1 and "train.csv:4\t" in listed[0] and "000003.mp4" in listed[0]
