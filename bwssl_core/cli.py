@@ -87,7 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", required=True, help="data folder with train.csv and val.csv (metadata.csv: all families)")
     q.add_argument("--families", help="comma-separated label families (default: all the data has)")
     q.add_argument("--sampling-rate", type=int, help="default: 1 for a `bwssl synth` folder, else 4")
-    q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", help="default: the local GPU if any")
     q.add_argument("--overwrite", action="store_true", help="replace the run's probe.json")
 
@@ -113,7 +112,7 @@ def cmd_synth(args) -> None:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
     if args.size % 2:
-        raise ConfigError(f"--size={args.size}: expected an even size (H.264 yuv420p)")
+        raise ConfigError(f"--size={args.size}: expected an even size")
     cfg = SynthConfig(size=args.size, frames=args.frames, distractor=args.distractor, noise=args.noise)
     out = write_dataset(args.out, args.n_train, args.n_val, cfg, args.seed, args.workers, args.overwrite)
     print(json.dumps({"out": str(out), "n_train": args.n_train, "n_val": args.n_val}))

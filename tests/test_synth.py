@@ -63,6 +63,13 @@ def test_written_mp4s_decode_to_the_generated_frames(tmp_path):
     assert main(["synth", "--out", str(tmp_path), "--n-train", "8", "--n-val", "4"]) == 2  # no silent overwrite
 
 
+def test_a_size_decord_cannot_read_back_is_refused(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path), "--n-train", "4", "--n-val", "4", "--size", "48",
+                 "--frames", "4", "--workers", "1"]) == 2
+    assert "decord does not read 48 x 48 clips back" in capsys.readouterr().err
+    assert not (tmp_path / "train.csv").exists()
+
+
 def small_cnn(in_chans, classes):
     """Three conv layers with batch norm and a global max pool: sees colour and shape anywhere."""
     def conv(i, o):
