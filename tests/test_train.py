@@ -111,9 +111,9 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("per_block", [False, True])
-def test_memory_mode_trains_the_same_weights(tiny, tmp_path, per_block):
-    cfg = tiny(partition=(1, 3), dec_shared=per_block)
+@pytest.mark.parametrize("shared", [False, True])
+def test_memory_mode_trains_the_same_weights(tiny, tmp_path, shared):
+    cfg = tiny(partition=(1, 3), dec_shared=shared)
     runs = {}
     for mode in (False, True):
         out = tmp_path / f"mode{mode}"
