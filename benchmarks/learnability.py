@@ -10,13 +10,11 @@ pixels, for every label family and pooling. Writes JSON and prints the best-laye
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-import torch
-
 from bwssl_core import TrainConfig, model_config
+from bwssl_core.batches import epoch_batches
 from bwssl_core.evaluate import best_layer_table, depthwise, load_split
 from bwssl_core.io import save_json
 from bwssl_core.train import Trainer
@@ -42,12 +40,8 @@ def main(argv=None):
     b = args.batch_size
 
     def batches(start, rank, world):  # epochs of shuffled training clips, deterministic per step
-        per_epoch = len(train_clips) // b
-        step = start
-        while True:
-            order = torch.randperm(len(train_clips), generator=torch.Generator().manual_seed(step // per_epoch))
-            yield train_clips[order[(step % per_epoch) * b:(step % per_epoch + 1) * b]]
-            step += 1
+        for _, ids in epoch_batches(len(train_clips), b, seed=0, start_step=start):
+            yield train_clips[ids]
 
     # calibrate: seconds per step on this machine now
     probe_run = Trainer(cfg, TrainConfig(steps=30, batch_size=b), args.out / "calibrate", device="cpu", overwrite=True)

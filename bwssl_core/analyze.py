@@ -15,15 +15,13 @@ def pooled_layers(model: VideoMAE, clips: torch.Tensor, batch_size: int, device)
     """Mean-pooled features per layer [(N, D)] and the token-level relative change between
     consecutive layers, sqrt(sum ||x_l+1 - x_l||^2 / sum ||x_l||^2) over all tokens of all clips."""
     model = model.to(device).eval()
-    pooled, diff, norm = None, None, None
+    means, diff, norm = [], 0.0, 0.0
     for batch in clips.split(batch_size):
         feats = model.forward_intermediates(normalize_video(batch.to(device)))  # [(B, L, D)]
-        means = [f.mean(1).double().cpu() for f in feats]
-        d = torch.stack([(b - a).double().pow(2).sum() for a, b in zip(feats, feats[1:])]).cpu()
-        n = torch.stack([a.double().pow(2).sum() for a in feats[:-1]]).cpu()
-        pooled = means if pooled is None else [torch.cat([p, m]) for p, m in zip(pooled, means)]
-        diff, norm = (d, n) if diff is None else (diff + d, norm + n)
-    return pooled, (diff / norm).sqrt().tolist()
+        means.append(torch.stack([f.mean(1) for f in feats]).double().cpu())  # (layers, B, D)
+        diff = diff + torch.stack([(b - a).double().pow(2).sum() for a, b in zip(feats, feats[1:])]).cpu()
+        norm = norm + torch.stack([a.double().pow(2).sum() for a in feats[:-1]]).cpu()
+    return list(torch.cat(means, 1).unbind(0)), (diff / norm).sqrt().tolist()
 
 
 def analyze(model: VideoMAE, clips: torch.Tensor, other: VideoMAE | None = None, batch_size: int = 50,

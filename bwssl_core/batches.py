@@ -7,6 +7,7 @@ data-parallel run sees exactly the clips of an uninterrupted single-process run.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 from typing import Iterator
@@ -16,11 +17,16 @@ import torch
 from .config import PIXEL_MEAN, PIXEL_STD, ConfigError, ModelConfig
 
 
+@functools.cache
+def _pixel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIXEL_MEAN and PIXEL_STD as (1, C, 1, 1, 1) tensors on `device`, made once per device."""
+    shape = (1, -1, 1, 1, 1)
+    return (torch.tensor(PIXEL_MEAN, device=device).view(shape), torch.tensor(PIXEL_STD, device=device).view(shape))
+
+
 def normalize_video(video: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, T, H, W) in [0, 255] -> float normalised with PIXEL_MEAN / PIXEL_STD."""
-    shape = (1, -1, 1, 1, 1)
-    mean = torch.tensor(PIXEL_MEAN, device=video.device).view(shape)
-    std = torch.tensor(PIXEL_STD, device=video.device).view(shape)
+    mean, std = _pixel_stats(video.device)
     return (video.float() / 255.0 - mean) / std
 
 
@@ -28,6 +34,19 @@ def step_generator(seed: int, step: int, device=None) -> torch.Generator:
     """A generator seeded by (seed, step): what step `step` draws does not depend on the past."""
     g = torch.Generator(device=device or "cpu")
     return g.manual_seed((seed << 32) + step)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, start_step: int = 0,
+                  rows: slice = slice(None)) -> Iterator[tuple[int, torch.Tensor]]:
+    """(epoch, item indices) of steps start_step, start_step + 1, ...: each epoch a permutation of
+    n items drawn from (seed, epoch), cut into whole batches; `rows` picks this process's share."""
+    per_epoch = n // batch_size
+    epoch = None
+    for step in itertools.count(start_step):
+        e, i = divmod(step, per_epoch)
+        if e != epoch:
+            epoch, order = e, torch.randperm(n, generator=step_generator(seed, e))
+        yield epoch, order[i * batch_size:(i + 1) * batch_size][rows]
 
 
 def shard(global_batch: int, rank: int, world: int) -> slice:
@@ -59,12 +78,8 @@ class ClipTensorFile:
         return C, T, H, W
 
     def __call__(self, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
-        per_epoch = len(self.clips) // self.batch_size
         rows = shard(self.batch_size, rank, world)
-        for step in itertools.count(start_step):
-            epoch, i = divmod(step, per_epoch)
-            order = torch.randperm(len(self.clips), generator=step_generator(self.seed, epoch))
-            ids = order[i * self.batch_size:(i + 1) * self.batch_size][rows]
+        for _, ids in epoch_batches(len(self.clips), self.batch_size, self.seed, start_step, rows):
             clips = self.clips[ids].to(self.device, non_blocking=True)  # (b, T, H, W, C)
             yield normalize_video(clips.permute(0, 4, 1, 2, 3))
 
@@ -85,12 +100,9 @@ class DatasetBatches:
 
     def _indices(self, start_step: int, rank: int, world: int) -> Iterator[int]:
         n = len(self.dataset)
-        per_epoch = n // self.batch_size
         rows = shard(self.batch_size, rank, world)
-        for step in itertools.count(start_step):
-            epoch, i = divmod(step, per_epoch)
-            order = torch.randperm(n, generator=step_generator(self.seed, epoch))
-            yield from (order[i * self.batch_size:(i + 1) * self.batch_size][rows] + epoch * n).tolist()
+        for epoch, ids in epoch_batches(n, self.batch_size, self.seed, start_step, rows):
+            yield from (ids + epoch * n).tolist()
 
     def __call__(self, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
         from torch.utils.data import DataLoader
