@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", required=True, help="data folder with train.csv and val.csv (metadata.csv: all families)")
     q.add_argument("--families", help="comma-separated label families (default: all the data has)")
     q.add_argument("--sampling-rate", type=int, help="default: 1 for a `bwssl synth` folder, else 4")
+    q.add_argument("--attentive-layers", help="comma-separated layers (e.g. -1) for the token-level attentive probe")
+    q.add_argument("--cache", help="feature cache folder (default: RUN/features); 'none' to keep nothing")
     q.add_argument("--device", help="default: the local GPU if any")
     q.add_argument("--overwrite", action="store_true", help="replace the run's probe.json")
 
@@ -209,7 +211,11 @@ def cmd_probe(args) -> None:
     train = load_split(args.data, "train", model.cfg, args.sampling_rate)
     val = load_split(args.data, "val", model.cfg, args.sampling_rate)
     families = args.families.split(",") if args.families else None
-    results = depthwise(model, train, val, families, seed=config["train"]["seed"], device=device)
+    cache = None if args.cache == "none" else args.cache or Path(args.run) / "features"
+    layers = [int(i) for i in args.attentive_layers.split(",")] if args.attentive_layers else []
+    meta = {"config": config, "checkpoint": str(Path(args.run) / "checkpoint.pt"), "data": str(args.data)}
+    results = depthwise(model, train, val, families, seed=config["train"]["seed"], device=device, cache=cache,
+                        meta=meta, attentive_layers=layers)
     save_json(out, {"run": str(args.run), "data": str(args.data), "results": results})
     for row in best_layer_table(results):
         print(json.dumps(row))

@@ -11,7 +11,9 @@ import torch
 from .config import ConfigError, ModelConfig
 from .listfile import parse_list_file
 from .model import VideoMAE
-from .probe import POOLINGS, layer_features, linear_probe, pixel_features, retrieval
+from .features import FeatureCache, key_of, model_hash, tensor_hash
+from .attentive import attentive_probe
+from .probe import POOLINGS, ProbeSpace, layer_features, pixel_features, retrieval, token_features
 
 
 def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: int | None = None):
@@ -39,38 +41,67 @@ def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: in
 
 
 def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings=POOLINGS, seed: int = 0,
-              ks=(1, 5, 10, 20, 50), device="cpu") -> dict:
+              ks=(1, 5, 10, 20, 50), device="cpu", cache: str | Path | None = None, meta: dict | None = None,
+              attentive_layers=(), attentive_families=None) -> dict:
     """{control or "trained": {pooling: {family: {"acc": [per layer], "R@k": [per layer], ...}}}}.
 
     train, val: (uint8 clips (N, C, T, H, W), {family: labels (N,)}). The random-init control is
     VideoMAE(cfg) right after torch.manual_seed(seed): the starting weights of a run with that seed.
+    With `cache` (a folder), features and probe results are kept there keyed by the hash of the
+    weights, clips and labels (features.py), so controls shared by several runs are computed once;
+    `meta` (config, checkpoint, data) is recorded beside each entry.
+    attentive_layers (e.g. [-1]): also the token-level attentive probe on those layers (the last
+    for pixels), for attentive_families (default: all), under the key "attentive".
     """
     (train_clips, train_labels), (val_clips, val_labels) = train, val
     families = list(train_labels) if families is None else list(families)
     missing = [f for f in families if f not in train_labels or f not in val_labels]
     if missing:
         raise ConfigError(f"label families {missing} are not in the data (it has {sorted(train_labels)})")
-    cfg = model.cfg
+    cfg, store = model.cfg, FeatureCache(cache)
     torch.manual_seed(seed)
-    random_init = VideoMAE(cfg)
-    feats = {
-        "trained": [layer_features(model, c, poolings, device=device) for c in (train_clips, val_clips)],
-        "random_init": [layer_features(random_init, c, poolings, device=device) for c in (train_clips, val_clips)],
-        "pixels": [pixel_features(c, cfg.tubelet_size, cfg.patch_size, cfg.grid, poolings)
-                   for c in (train_clips, val_clips)],
-    }
+    models = {"trained": model, "random_init": VideoMAE(cfg), "pixels": None}
+    clips_key = tensor_hash(train_clips, val_clips)
     ks = tuple(k for k in ks if k <= len(train_clips))
     out = {}
-    for name, (tr, va) in feats.items():
-        out[name] = {}
-        for pool in poolings:
-            out[name][pool] = {}
-            for fam in families:
-                rows = [(linear_probe(tr[pool][i], train_labels[fam], va[pool][i], val_labels[fam], seed=seed),
-                         retrieval(tr[pool][i], train_labels[fam], va[pool][i], val_labels[fam], ks))
-                        for i in range(len(tr[pool]))]
-                out[name][pool][fam] = {"acc": [p["acc"] for p, _ in rows], "l2": [p["l2"] for p, _ in rows],
-                                        **{k: [r[k] for _, r in rows] for k in rows[0][1]}}
+    for name, net in models.items():
+        weights = model_hash(net) if net is not None else f"{cfg.tubelet_size}x{cfg.patch_size}"
+        feat_key = key_of(name if net is not None else "pixels", weights=weights, clips=clips_key,
+                          poolings=list(poolings), grid=list(cfg.grid))
+
+        def compute(net=net):
+            if net is None:
+                return {split: pixel_features(c, cfg.tubelet_size, cfg.patch_size, cfg.grid, poolings)
+                        for split, c in (("train", train_clips), ("val", val_clips))}
+            return {split: layer_features(net, c, poolings, device=device)
+                    for split, c in (("train", train_clips), ("val", val_clips))}
+
+        def probes(feats):
+            res = {}
+            for pool in poolings:
+                res[pool] = {fam: {} for fam in families}
+                for i in range(len(feats["train"][pool])):
+                    tr_x, va_x = feats["train"][pool][i].to(device), feats["val"][pool][i].to(device)
+                    space = ProbeSpace(tr_x, va_x)
+                    for fam in families:
+                        tr_y, va_y = train_labels[fam].to(device), val_labels[fam].to(device)
+                        row = {**space.probe(tr_y, va_y, seed=seed), **retrieval(tr_x, tr_y, va_x, va_y, ks)}
+                        for k, v in row.items():
+                            res[pool][fam].setdefault(k, []).append(v)
+            if attentive_layers:
+                layers = list(attentive_layers) if net is not None else [0]
+                tokens = [token_features(net, c, layers, device=device, tubes=(cfg.tubelet_size, cfg.patch_size))
+                          for c in (train_clips, val_clips)]
+                res["attentive"] = {fam: {"acc": [attentive_probe(tokens[0][i], train_labels[fam], tokens[1][i],
+                                                                  val_labels[fam], seed=seed, device=device)["acc"]
+                                                  for i in range(len(layers))], "layers": layers}
+                                    for fam in (attentive_families or families)}
+            return res
+
+        probe_key = key_of("probe", features=feat_key, seed=seed, ks=list(ks), attentive=list(attentive_layers),
+                           attentive_families=list(attentive_families or families),
+                           labels={f: tensor_hash(train_labels[f], val_labels[f]) for f in families})
+        out[name] = store.get(probe_key, lambda: probes(store.get(feat_key, compute, meta)), meta)
     return out
 
 
@@ -79,6 +110,8 @@ def best_layer_table(results: dict, metric: str = "acc") -> list[dict]:
     rows = []
     for pool, fams in results["trained"].items():
         for fam in fams:
+            if metric not in fams[fam]:  # e.g. retrieval of the attentive probe
+                continue
             rows.append({"family": fam, "pooling": pool,
                          **{name: max(results[name][pool][fam][metric]) for name in results}})
     return rows

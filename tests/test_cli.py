@@ -110,19 +110,29 @@ def test_probe_a_run(tmp_path, synth_data, capsys):
     run = tmp_path / "run"
     assert main(["pretrain", "--out", str(run), "--data", str(synth_data), *TINY, "--workers", "0"]) == 0
     capsys.readouterr()
-    assert main(["probe", "--run", str(run), "--data", str(synth_data), "--families", "motion,colour",
-                 "--device", "cpu"]) == 0
+    probe = ["probe", "--run", str(run), "--data", str(synth_data), "--families", "motion,colour", "--device", "cpu",
+             "--attentive-layers", "-1"]
+    assert main(probe) == 0
     results = json.loads((run / "probe.json").read_text())["results"]
     assert set(results) == {"trained", "random_init", "pixels"}
     motion = results["trained"]["slices"]["motion"]
     assert len(motion["acc"]) == 4 and len(results["pixels"]["mean"]["colour"]["acc"]) == 1
-    assert set(motion) == {"acc", "l2", "R@1", "R@5", "R@10", "R@20"}  # R@50 needs a gallery of 50
+    assert set(motion) == {"acc", "l2", "holdout_acc", "R@1", "R@5", "R@10", "R@20"}  # R@50 needs 50 clips
     assert all(0 <= a <= 1 for a in motion["acc"]) and motion["R@20"][0] >= motion["R@1"][0]
+    assert results["trained"]["attentive"]["motion"]["layers"] == [-1]
+    assert len(results["pixels"]["attentive"]["colour"]["acc"]) == 1
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {(r["family"], r["pooling"]) for r in rows} == {(f, p) for f in ("motion", "colour")
-                                                           for p in ("mean", "slices", "grid")}
+                                                           for p in ("mean", "slices", "grid", "attentive")}
     assert main(["probe", "--run", str(run), "--data", str(synth_data)]) == 2  # no silent overwrite
     assert "probe.json exists" in capsys.readouterr().err
+    # features and probe results are cached by content: a rerun computes nothing and agrees
+    cached = sorted(p.name for p in (run / "features").glob("*.pt"))
+    assert len(cached) == 6 and sum(name.startswith("probe-") for name in cached) == 3
+    stamp = {p: p.stat().st_mtime_ns for p in (run / "features").iterdir()}
+    assert main([*probe, "--overwrite"]) == 0
+    assert json.loads((run / "probe.json").read_text())["results"] == results
+    assert {p: p.stat().st_mtime_ns for p in (run / "features").iterdir()} == stamp
 
 
 def test_probe_names_a_missing_family(tmp_path, synth_data, capsys):

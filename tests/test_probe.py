@@ -44,20 +44,70 @@ def test_probe_refuses_too_few_samples_and_mismatched_lengths():
 
 
 def test_agrees_with_scikit_learn():
-    """The L-BFGS probe and scikit-learn's LogisticRegression on the same standardised features and the
+    """The probe's solver and scikit-learn's LogisticRegression on the same standardised features and the
     same penalty (ours: mean CE + l2/2 |W|^2; theirs: C * sum CE + 1/2 |W|^2, so C = 1 / (l2 n))."""
     sklearn = pytest.importorskip("sklearn.linear_model")
-    from bwssl_core.probe import _fit
+    from bwssl_core.probe import ProbeSpace
 
     g = torch.Generator().manual_seed(1)
     w = torch.randn(64, 6, generator=g)
     x = torch.randn(1500, 64, generator=g)
     y = (x @ w + 4 * torch.randn(1500, 6, generator=g)).argmax(1)  # noisy: accuracy well below 1
-    x = (x - x[:1000].mean(0)) / x[:1000].std(0)
+    space = ProbeSpace(x[:1000].double(), x[1000:].double())
     for l2 in (1e-3, 1e-1):
-        ours = _fit(x[:1000].double(), y[:1000], 6, l2, max_iter=500)
-        acc = (ours(x[1000:].double()).argmax(1) == y[1000:]).float().mean().item()
-        ref = sklearn.LogisticRegression(C=1 / (l2 * 1000), max_iter=2000, tol=1e-8).fit(x[:1000].numpy(), y[:1000].numpy())
-        ref_acc = (ref.predict(x[1000:].numpy()) == y[1000:].numpy()).mean()
+        W, b = space.fit(y[:1000], l2)
+        acc = ((space.val @ space.basis.T @ W.T + b).argmax(1) == y[1000:]).float().mean().item()
+        tx = (x[:1000] - x[:1000].mean(0)) / (x[:1000].std(0) + 1e-6)
+        vx = (x[1000:] - x[:1000].mean(0)) / (x[:1000].std(0) + 1e-6)
+        ref = sklearn.LogisticRegression(C=1 / (l2 * 1000), max_iter=2000, tol=1e-8).fit(tx.numpy(), y[:1000].numpy())
+        ref_acc = (ref.predict(vx.numpy()) == y[1000:].numpy()).mean()
         assert abs(acc - ref_acc) <= 0.01, (l2, acc, ref_acc)
         assert 0.4 < acc < 0.95
+
+
+@pytest.mark.parametrize("n, d", [(300, 40), (120, 400)])  # features fewer than samples, and more
+def test_solution_in_the_principal_basis_is_the_minimum_of_the_original_problem(n, d):
+    """The weights found in the (preconditioned) basis make the gradient of the original objective,
+    mean CE + l2/2 |W|^2 over all d standardised features, vanish: the basis loses nothing."""
+    from bwssl_core.probe import ProbeSpace
+
+    g = torch.Generator().manual_seed(2)
+    mix = torch.randn(d, d, generator=g) * torch.logspace(0, -3, d)  # correlated, badly conditioned features
+    x = (torch.randn(n, d, generator=g) @ mix).double()
+    y = torch.randint(0, 4, (n,), generator=g)
+    space = ProbeSpace(x, x[:10])
+    assert space.basis.shape[1] <= min(n, d)
+    W, b = space.fit(y, l2=1e-2, max_iter=500)
+    W, b = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    tx = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    loss = torch.nn.functional.cross_entropy(tx @ W.T + b, y) + 0.5 * 1e-2 * W.pow(2).sum()
+    loss.backward()
+    assert W.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
+
+
+def test_probe_converges_where_a_plain_lbfgs_stopped_early():
+    """At its default iteration limit the probe gives the accuracy of a 10x longer fit when the label
+    lives in low-variance directions. (The plain L-BFGS used before read 0.177 here instead of 0.213,
+    and 0.546 instead of 0.588 on the random-init control of the default study.)"""
+    g = torch.Generator().manual_seed(1)
+    d = 256
+    z = torch.randn(1200, d, generator=g)
+    x = (z * torch.logspace(0, -4, d)) @ torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    y = (z[:, 150:158] @ torch.randn(8, 8, generator=g) + torch.randn(1200, 8, generator=g)).argmax(1)
+    quick = linear_probe(x[:900], y[:900], x[900:], y[900:])
+    long = linear_probe(x[:900], y[:900], x[900:], y[900:], max_iter=1000)
+    assert quick["l2"] == long["l2"] and abs(quick["acc"] - long["acc"]) <= 0.005
+
+
+def test_feature_cache_reuses_and_keys_by_content(tmp_path):
+    from bwssl_core.features import FeatureCache, key_of, tensor_hash
+
+    calls = []
+    cache = FeatureCache(tmp_path)
+    clips = torch.arange(24, dtype=torch.uint8).view(2, 12)
+    key = key_of("trained", clips=tensor_hash(clips))
+    first = cache.get(key, lambda: calls.append(1) or {"x": torch.ones(3)}, meta={"run": "r"})
+    again = cache.get(key, lambda: calls.append(1) or {"x": torch.zeros(3)})
+    assert calls == [1] and torch.equal(first["x"], again["x"]) and (tmp_path / f"{key}.json").exists()
+    clips[0, 0] = 99  # other clips, another key
+    assert key_of("trained", clips=tensor_hash(clips)) != key

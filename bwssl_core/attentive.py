@@ -1,0 +1,66 @@
+"""Token-level (attentive) probe: a light cross-attention pooling trained on frozen tokens.
+
+Pooled probes can miss what a representation says about where and when; this probe reads the
+tokens themselves. Each of `heads` learned queries scores every token (plus a learned bias per
+token position, so that where a token sits can count), averages the layer-normed tokens with
+its softmax weights, and one linear layer reads the concatenated averages. No key or value
+projections: the probe stays light (O(heads * L * D) per clip) and close to linear.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ConfigError
+
+
+class AttentivePool(nn.Module):
+    def __init__(self, num_tokens: int, dim: int, num_classes: int, heads: int = 4):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.query = nn.Parameter(torch.randn(heads, dim) * 0.02)
+        self.pos = nn.Parameter(torch.zeros(heads, num_tokens))
+        self.head = nn.Linear(heads * dim, num_classes)
+
+    def forward(self, tokens: torch.Tensor, return_weights: bool = False):
+        """(B, L, D) -> logits (B, C) [and each query's attention over the tokens (B, heads, L)]."""
+        x = self.norm(tokens)
+        w = (torch.einsum("bld,hd->bhl", x, self.query) / math.sqrt(x.shape[-1]) + self.pos).softmax(-1)
+        logits = self.head(torch.einsum("bhl,bld->bhd", w, x).flatten(1))
+        return (logits, w) if return_weights else logits
+
+
+def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_tokens: torch.Tensor,
+                    val_y: torch.Tensor, epochs: int = 20, lr: float = 1e-2, weight_decay: float = 0.01,
+                    batch_size: int = 64, heads: int = 4, seed: int = 0, device="cpu") -> dict:
+    """Top-1 on validation of an AttentivePool trained with AdamW (cosine schedule) on frozen tokens
+    (N, L, D) of any float dtype (kept as given, cast per batch). Fixed hyper-parameters for every
+    model and control, so that rows compare."""
+    if train_tokens.ndim != 3 or val_tokens.shape[1:] != train_tokens.shape[1:]:
+        raise ConfigError(f"tokens: expected (N, L, D) for both splits, got train {tuple(train_tokens.shape)} "
+                          f"and validation {tuple(val_tokens.shape)}")
+    if len(train_tokens) != len(train_y) or len(val_tokens) != len(val_y):
+        raise ConfigError(f"tokens and labels differ in length: train {len(train_tokens)} vs {len(train_y)}, "
+                          f"validation {len(val_tokens)} vs {len(val_y)}")
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    probe = AttentivePool(train_tokens.shape[1], train_tokens.shape[2], num_classes, heads).to(device)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(train_tokens) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    for _ in range(epochs):
+        for ids in torch.randperm(len(train_tokens), generator=g).split(batch_size):
+            x = train_tokens[ids].to(device, torch.float32)
+            loss = F.cross_entropy(probe(x), train_y[ids].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    probe.eval()
+    with torch.no_grad():
+        pred = torch.cat([probe(v.to(device, torch.float32)).argmax(1).cpu() for v in val_tokens.split(512)])
+    return {"acc": (pred == val_y.cpu()).float().mean().item(), "epochs": epochs}

@@ -1,0 +1,60 @@
+"""A content-addressed cache of frozen features on disk.
+
+Features are a function of the weights, the clips and the feature kind, so the key is a hash of
+exactly those: a cached entry can never be stale, and controls (random init, raw pixels) shared
+by several runs are computed once. Each entry is `<key>.pt` (weights_only, written atomically)
+with a `<key>.json` beside it recording what it came from (config, checkpoint, data, kind).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .io import load_checkpoint, save_checkpoint, save_json
+
+
+def tensor_hash(*tensors: torch.Tensor, extra: dict | None = None) -> str:
+    """sha256 over the tensors' shapes, dtypes and bytes (and a JSON-able `extra`), 16 hex digits."""
+    h = hashlib.sha256(json.dumps(extra or {}, sort_keys=True, default=str).encode())
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def key_of(kind: str, **parts) -> str:
+    """A file-name key: the kind, then a hash of the JSON-able parts."""
+    return f"{kind}-{tensor_hash(extra=parts)}"
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    state = model.state_dict()
+    return tensor_hash(*(state[k] for k in sorted(state)), extra={"keys": sorted(state)})
+
+
+class FeatureCache:
+    """get(key, compute, meta): the entry saved under key, or compute()'s result, saved there first.
+    Without a folder it only computes."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = Path(folder) if folder is not None else None
+        self.hits = self.misses = 0
+
+    def get(self, key: str, compute: Callable[[], dict], meta: dict | None = None) -> dict:
+        if self.folder is None:
+            return compute()
+        path = self.folder / f"{key}.pt"
+        if path.exists():
+            self.hits += 1
+            return load_checkpoint(path)["value"]
+        self.misses += 1
+        value = compute()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, {"key": key, "value": value})
+        save_json(path.with_suffix(".json"), {"key": key, **(meta or {})})
+        return value
