@@ -6,16 +6,39 @@ folder), a command line (one flag per field) and a Papermill parameters cell.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 # Statistics that input videos are normalised with (ImageNet's, as VideoMAE). Defined here only:
 # the data pipeline normalises with them, the model un-normalises with them to build its target.
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
+MAX_SIZE = 2 ** 20  # upper bound on every ModelConfig size (pixels, frames, widths, depths, heads)
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the field and what was expected."""
+
+
+def _need(ok: bool, name: str, got, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={got!r}: expected {expected}")
+
+
+def _is_int(value) -> bool:
+    """A Python int (not a bool): what config.json and a command line hold."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """A finite Python number (not a bool, not NaN or inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _need_flags(cfg, names) -> None:
+    for name in names:
+        _need(isinstance(getattr(cfg, name), bool), name, getattr(cfg, name), "True or False")
 
 
 @dataclass
@@ -46,7 +69,10 @@ class ModelConfig:
     norm_target: bool = True  # target pixels normalised per tube and channel; False: plain pixels in [0, 1]
 
     def __post_init__(self):
-        self.partition = tuple(int(s) for s in self.partition)
+        parts = self.partition  # a list from config.json; anything but integers: validate() says what is wrong
+        if isinstance(parts, (tuple, list)) and all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                                                    for s in parts):
+            self.partition = tuple(int(s) for s in parts)
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -77,33 +103,40 @@ class ModelConfig:
         return [(e - s, e) for s, e in zip(self.partition, ends)]
 
     def validate(self) -> "ModelConfig":
-        def need(ok, name, got, expected):
-            if not ok:
-                raise ConfigError(f"{name}={got!r}: expected {expected}")
         for name in ("img_size", "num_frames", "in_chans", "tubelet_size", "patch_size", "embed_dim",
                      "depth", "num_heads", "dec_dim", "dec_depth", "dec_heads"):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
-                 "a positive integer")
-        need(self.num_frames % self.tubelet_size == 0, "num_frames", self.num_frames,
-             f"a multiple of tubelet_size={self.tubelet_size}")
-        need(self.img_size % self.patch_size == 0, "img_size", self.img_size,
-             f"a multiple of patch_size={self.patch_size}")
-        need(self.embed_dim % self.num_heads == 0, "embed_dim", self.embed_dim,
-             f"a multiple of num_heads={self.num_heads}")
-        need(self.dec_dim % self.dec_heads == 0, "dec_dim", self.dec_dim,
-             f"a multiple of dec_heads={self.dec_heads}")
-        need(self.pos_embed in ("3d", "1d"), "pos_embed", self.pos_embed, "'3d' or '1d'")
+            _need(_is_int(value) and 0 < value <= MAX_SIZE, name, value, f"a positive integer (at most {MAX_SIZE})")
+        _need_flags(self, ("dec_shared", "dec_norm", "norm_target"))
+        width = min(self.embed_dim, self.dec_dim)
+        _need(_is_real(self.mlp_ratio) and 1 <= int(width * self.mlp_ratio) and self.mlp_ratio <= 64, "mlp_ratio",
+              self.mlp_ratio, f"a number in [1/{width}, 64] (MLP width = int(width x mlp_ratio) >= 1)")
+        _need(_is_real(self.norm_eps) and 0 < self.norm_eps < 1, "norm_eps", self.norm_eps, "a number in (0, 1)")
+        _need(_is_real(self.mask_ratio) and 0 <= self.mask_ratio < 1, "mask_ratio", self.mask_ratio, "in [0, 1)")
+        _need(isinstance(self.partition, tuple) and len(self.partition) > 0, "partition", self.partition,
+              "a list of layer counts like (3, 3, 3, 3)")
+        _need(self.num_frames % self.tubelet_size == 0, "num_frames", self.num_frames,
+              f"a multiple of tubelet_size={self.tubelet_size}")
+        _need(self.img_size % self.patch_size == 0, "img_size", self.img_size,
+              f"a multiple of patch_size={self.patch_size}")
+        _need(self.embed_dim % self.num_heads == 0, "embed_dim", self.embed_dim,
+              f"a multiple of num_heads={self.num_heads}")
+        _need(self.dec_dim % self.dec_heads == 0, "dec_dim", self.dec_dim,
+              f"a multiple of dec_heads={self.dec_heads}")
+        _need(self.pos_embed in ("3d", "1d"), "pos_embed", self.pos_embed, "'3d' or '1d'")
         if self.pos_embed == "3d":
             for name in ("embed_dim", "dec_dim"):
-                need(getattr(self, name) % 2 == 0, name, getattr(self, name), "even for 3-D sin-cos")
-        need(0.0 <= self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "in [0, 1)")
+                _need(getattr(self, name) % 2 == 0, name, getattr(self, name), "even for 3-D sin-cos")
+        _need(not self.norm_target or self.tubelet_size * self.patch_size ** 2 >= 2, "norm_target", self.norm_target,
+              f"tubes of 2 pixels or more to normalise over (tubelet_size={self.tubelet_size} x "
+              f"patch_size={self.patch_size}^2 is 1): set norm_target=False or a larger patch")
         hw = self.grid[1] * self.grid[2]
-        need(num_keep(hw, self.mask_ratio) < hw, "mask_ratio", self.mask_ratio,
-             f"high enough to hide at least one of {hw} spatial positions")
-        need(all(s > 0 for s in self.partition), "partition", self.partition, "positive block sizes")
-        need(sum(self.partition) == self.depth, "partition", ",".join(map(str, self.partition)),
-             f"block sizes that sum to depth={self.depth} (they sum to {sum(self.partition)})")
+        _need(num_keep(hw, self.mask_ratio) < hw, "mask_ratio", self.mask_ratio,
+              f"high enough to hide at least one of {hw} spatial positions "
+              f"(img_size={self.img_size} / patch_size={self.patch_size}, squared)")
+        _need(all(s > 0 for s in self.partition), "partition", self.partition, "positive block sizes")
+        _need(sum(self.partition) == self.depth, "partition", ",".join(map(str, self.partition)),
+              f"block sizes that sum to depth={self.depth} (they sum to {sum(self.partition)})")
         return self
 
 
@@ -148,14 +181,19 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         for name in ("steps", "batch_size", "log_every", "ckpt_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}={value!r}: expected a positive integer")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps={self.warmup_steps}: expected >= 0")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"precision={self.precision!r}: expected 'auto', 'bf16' or 'fp32'")
-        if not (self.base_lr > 0 and 0 <= self.min_lr and self.clip_grad >= 0 and self.weight_decay >= 0):
-            raise ConfigError("base_lr must be > 0 and min_lr, clip_grad, weight_decay >= 0")
+            _need(_is_int(value) and value >= 1, name, value, "a positive integer")
+        _need(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", self.warmup_steps,
+              "an integer >= 0")
+        _need(self.precision in ("auto", "bf16", "fp32"), "precision", self.precision, "'auto', 'bf16' or 'fp32'")
+        _need(_is_real(self.base_lr) and self.base_lr > 0, "base_lr", self.base_lr, "a finite number > 0")
+        for name in ("min_lr", "clip_grad", "weight_decay"):
+            value = getattr(self, name)
+            _need(_is_real(value) and value >= 0, name, value, "a finite number >= 0")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _need(_is_real(value) and 0 <= value < 1, name, value, "in [0, 1)")
+        _need_flags(self, ("per_block_backward", "compile"))
+        _need(_is_int(self.seed) and 0 <= self.seed < 2 ** 31, "seed", self.seed, "an integer in [0, 2**31)")
         return self
 
 
@@ -168,9 +206,10 @@ class DataConfig:
     skip_bad: bool = False  # skip (and list) bad videos instead of stopping
 
     def validate(self) -> "DataConfig":
-        if self.sampling_rate < 0 or self.repeats < 1:
-            raise ConfigError(f"sampling_rate={self.sampling_rate}, repeats={self.repeats}: "
-                              f"expected sampling_rate >= 0 and repeats >= 1")
+        _need(_is_int(self.sampling_rate) and self.sampling_rate >= 0, "sampling_rate", self.sampling_rate,
+              "an integer >= 0 (0: automatic)")
+        _need(_is_int(self.repeats) and self.repeats >= 1, "repeats", self.repeats, "a positive integer")
+        _need_flags(self, ("augment", "flip", "skip_bad"))
         return self
 
 

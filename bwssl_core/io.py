@@ -34,6 +34,15 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+def remove_stale_temps(folder: Path, names) -> list[Path]:
+    """Delete the temporary files that a process killed mid-write left beside `names` in `folder`
+    (the files they would have replaced are intact); returns them."""
+    stale = [tmp for name in names for tmp in Path(folder).glob(f".{name}.*.tmp")]
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 def save_json(path: Path, obj) -> None:
     _atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
@@ -57,9 +66,13 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
         raise RunError(f"{path}: refused or unreadable with weights_only=True "
                        f"({err.__class__.__name__}: {first})") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        got = state.get("version") if isinstance(state, dict) else type(state).__name__
-        raise RunError(f"{path}: checkpoint version {got!r}, expected {CHECKPOINT_VERSION}")
+    if not isinstance(state, dict) or "version" not in state:
+        got = "a dict without 'version'" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise RunError(f"{path}: no checkpoint format version ({got}): not a bwssl checkpoint, "
+                       f"expected version {CHECKPOINT_VERSION}")
+    if state["version"] != CHECKPOINT_VERSION:
+        raise RunError(f"{path}: checkpoint version {state['version']!r}, expected {CHECKPOINT_VERSION} "
+                       f"(written by another version of bwssl_core)")
     return state
 
 

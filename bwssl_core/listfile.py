@@ -24,13 +24,16 @@ class VideoEntry:
 
 
 def file_problem(path: Path) -> str | None:
-    """Why `path` cannot be a video file (missing, not a file, empty), or None."""
-    if not path.exists():
-        return "no such file"
-    if not path.is_file():
-        return "not a file"
-    if path.stat().st_size == 0:
-        return "empty file (0 bytes)"
+    """Why `path` cannot be a video file (missing, not a file, empty, a name the OS refuses), or None."""
+    try:
+        if not path.exists():
+            return "no such file"
+        if not path.is_file():
+            return "not a file"
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except OSError as err:  # e.g. a name too long, or a folder we may not read
+        return f"cannot be checked ({err.strerror or err})"
     return None
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .batches import normalize_video, shard, step_generator
 from .config import ConfigError, ModelConfig, TrainConfig, from_dict, to_dict
-from .io import RunError, config_diff, load_checkpoint, save_checkpoint, save_json
+from .io import RunError, config_diff, load_checkpoint, remove_stale_temps, save_checkpoint, save_json
 from .masking import tube_mask
 from .model import VideoMAE
 
@@ -33,6 +33,7 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
                    else {"broadcast_buffers": False})
 # TrainConfig fields that may change when a run is resumed (they do not change the result)
 RESUMABLE = {"log_every", "ckpt_every", "compile"}
+_NONE = torch.iinfo(torch.int64).max  # "no non-finite loss yet" in Trainer.first_bad
 
 
 def claim_folder(out: Path, overwrite: bool = False, also=("bad_videos.txt",)) -> None:
@@ -46,6 +47,7 @@ def claim_folder(out: Path, overwrite: bool = False, also=("bad_videos.txt",)) -
     if existing:  # and overwrite
         for f in (*existing, *also):
             (out / f).unlink(missing_ok=True)
+    remove_stale_temps(out, RUN_FILES)
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -99,7 +101,7 @@ class Trainer:
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(param_groups(self.model, self.tcfg.weight_decay), lr=0.0,
                                            betas=(self.tcfg.beta1, self.tcfg.beta2), **fused)
-        self.step = 0
+        self.step, self.saved_step = 0, None  # saved_step: the step of the checkpoint on disk
         self._prepare_folder(resume, overwrite)
         self.stages, self.decoders = self._wrap(self.model.stages), self._wrap(self.model.decoders)
         bf16 = self.tcfg.precision == "bf16" or (self.tcfg.precision == "auto" and self.device.type == "cuda")
@@ -139,14 +141,15 @@ class Trainer:
             diff = config_diff(saved, now)
             if diff:
                 raise RunError(f"{ckpt}: the run's config differs from the one given:\n  " + "\n  ".join(diff))
-            self.model.load_state_dict(state["model"])
+            load_weights(self.model, state["model"], ckpt)
             self.optimizer.load_state_dict(state["optimizer"])
-            self.step = state["step"]
+            self.step = self.saved_step = state["step"]
             torch.set_rng_state(state["rng"]["cpu"].cpu())
             if "cuda" in state["rng"] and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
             if self.is_main:
                 self._truncate_metrics(self.step)
+                remove_stale_temps(self.out, RUN_FILES)  # left by a kill during a write
             return
         if not self.is_main:  # rank 0 alone checks and writes the folder
             return
@@ -154,10 +157,10 @@ class Trainer:
         save_json(self.out / "config.json", self.config)
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after the checkpoint a run resumes from."""
+        """Drop metric lines written after the checkpoint a run resumes from (and a line cut short by a kill)."""
         path = self.out / "metrics.jsonl"
         if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            lines = [ln for ln in path.read_text().splitlines() if _row_step(ln) <= step]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in lines))
             os.replace(tmp, path)
@@ -203,6 +206,7 @@ class Trainer:
         t = self.tcfg
         batches = iter(data(self.step, self.rank, self.world) if callable(data) else data)
         sums, window_steps, tic = None, 0, time.perf_counter()
+        self.first_bad = None  # (K,) each block's first step with a non-finite loss (_NONE: none), on the device
         last = {}
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc="pretrain", dynamic_ncols=True)
         while self.step < t.steps:
@@ -210,28 +214,77 @@ class Trainer:
                 video = next(batches)
             except StopIteration:
                 raise ConfigError(f"the data ran out at step {self.step} of {t.steps}") from None
-            losses = torch.stack(self.train_step(video))
+            try:
+                losses = torch.stack(self.train_step(video))  # (K,)
+            except torch.OutOfMemoryError as err:
+                raise self._out_of_memory(err) from None
             sums = losses if sums is None else sums + losses
+            bad_at = torch.where(losses.isfinite(), _NONE, self.step)  # no sync: checked at log and ckpt steps
+            self.first_bad = bad_at if self.first_bad is None else torch.minimum(self.first_bad, bad_at)
             window_steps += 1
             bar.update(1)
-            if self.step % t.log_every == 0 or self.step == t.steps:
-                last = self._log(sums / window_steps, window_steps, time.perf_counter() - tic)
+            log = self.step % t.log_every == 0 or self.step == t.steps
+            ckpt = self.step % t.ckpt_every == 0 or self.step == t.steps
+            if log or ckpt:  # a checkpoint never follows a non-finite loss or weight
+                mean = self._finite_mean(sums / window_steps)
+            if log:
+                last = self._log(mean, window_steps, time.perf_counter() - tic)
                 bar.set_postfix(loss=" ".join(f"{v:.3f}" for v in last["loss"]))
                 sums, window_steps, tic = None, 0, time.perf_counter()
-            if self.step % t.ckpt_every == 0 or self.step == t.steps:
+            if ckpt:
+                self._check_weights()
                 self.save()
         bar.close()
         return last
 
-    def _log(self, mean_losses: torch.Tensor, steps: int, seconds: float) -> dict:
+    def _last_checkpoint(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"the last checkpoint, {self.out / 'checkpoint.pt'} (step {self.saved_step}), is intact"
+
+    def _finite_mean(self, mean_losses: torch.Tensor) -> list[float]:
+        """Each block's mean loss over the window and all processes; FloatingPointError naming the block
+        and the first step whose loss was not finite."""
         if self.world > 1:
             dist.all_reduce(mean_losses)
             mean_losses /= self.world
         values = mean_losses.tolist()
-        bad = [k for k, v in enumerate(values) if not math.isfinite(v)]
-        if bad:
-            raise FloatingPointError(f"block {bad[0]}'s loss is {values[bad[0]]} at step {self.step}; "
-                                     f"the last checkpoint is {self.out / 'checkpoint.pt'}")
+        if all(math.isfinite(v) for v in values):
+            return values
+        first = self.first_bad.clone()
+        if self.world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        k = int(first.argmin())
+        step = int(first[k])
+        if step == _NONE:  # every loss was finite, their sum was not
+            k, step = next(i for i, v in enumerate(values) if not math.isfinite(v)), self.step
+        raise FloatingPointError(f"block {k}'s loss is {values[k]} at step {step}: training stopped; "
+                                 f"{self._last_checkpoint()}")
+
+    def _check_weights(self) -> None:
+        """Refuse to save weights that are not finite (a non-finite gradient under finite losses)."""
+        groups = self.model.block_parameters()
+        finite = torch.stack([torch.stack([p.isfinite().all() for p in g]).all() for g in groups]).tolist()
+        if not all(finite):
+            k = finite.index(False)
+            name = f"block {k}" if k < len(self.mcfg.partition) else "the shared decoder"
+            raise FloatingPointError(f"{name}'s weights are not finite after step {self.step} (a non-finite "
+                                     f"gradient): training stopped before saving; {self._last_checkpoint()}")
+
+    def _out_of_memory(self, err: BaseException) -> RunError:
+        t = self.tcfg
+        tips = [f"a smaller --batch-size (now {t.batch_size}, {self.local_batch} per process)"]
+        if not t.per_block_backward:
+            tips.append("--per-block-backward (frees each block's activations before the next block runs)")
+        if self.autocast is nullcontext:
+            tips.append("--precision bf16")
+        tips.append("a smaller --preset or fewer --num-frames / --img-size")
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else err.__class__.__name__
+        return RunError(f"out of memory on {self.device} at step {self.step + 1} with batch_size={t.batch_size} "
+                        f"({detail}); try {'; '.join(tips)} (in a new run: --resume refuses a changed config). "
+                        f"Nothing was half-written: {self._last_checkpoint()}")
+
+    def _log(self, values: list[float], steps: int, seconds: float) -> dict:
         row = {"step": self.step, "lr": lr_at(self.step - 1, self.tcfg), "loss": values,
                "clips_per_s": steps * self.tcfg.batch_size / max(seconds, 1e-9),
                "peak_mem_gib": peak_memory_gib(self.device)}
@@ -242,6 +295,7 @@ class Trainer:
 
     def save(self) -> None:
         if not self.is_main:
+            self.saved_step = self.step
             return
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -250,6 +304,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
             "schedule": {"kind": "warmup_cosine", "next_lr": lr_at(self.step, self.tcfg)},  # a function of step
             "config": self.config, "rng": rng})
+        self.saved_step = self.step
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
@@ -266,10 +321,42 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data, out: str | Pa
         trainer.close()
 
 
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line that is not one (cut short by a kill)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, TypeError, KeyError):
+        return math.inf
+
+
+def load_weights(model: torch.nn.Module, weights: dict, path: Path) -> None:
+    """model.load_state_dict(weights), or a RunError naming what differs (expected vs found shapes,
+    missing and unexpected tensors) instead of torch's traceback."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(getattr(v, "shape", ())) for k, v in weights.items()} if isinstance(weights, dict) else {}
+    shapes = [f"{k}: expected {expected[k]}, found {found[k]}"
+              for k in expected if k in found and found[k] != expected[k]]
+    lines = shapes[:6] + ([f"... and {len(shapes) - 6} more of another shape"] if len(shapes) > 6 else [])
+    for what, keys in (("missing", [k for k in expected if k not in found]),
+                       ("unexpected", [k for k in found if k not in expected])):
+        if keys:
+            lines.append(f"{len(keys)} {what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
+    if lines:
+        raise RunError(f"{path}: the weights do not fit the model that its config describes (another "
+                       f"architecture or version?):\n  " + "\n  ".join(lines))
+    model.load_state_dict(weights)
+
+
 def load_run(run: str | Path, device="cpu") -> tuple[VideoMAE, dict]:
     """The trained model of a run folder (its checkpoint, weights_only) and its config."""
-    state = load_checkpoint(Path(run) / "checkpoint.pt", map_location=device)
-    model = VideoMAE(from_dict(ModelConfig, state["config"]["model"])).to(device)
-    model.load_state_dict(state["model"])
+    path = Path(run) / "checkpoint.pt"
+    state = load_checkpoint(path, map_location=device)
+    try:
+        cfg = from_dict(ModelConfig, state["config"]["model"]).validate()
+    except (KeyError, TypeError, ConfigError) as err:
+        raise RunError(f"{path}: no usable model config in the checkpoint "
+                       f"({err.__class__.__name__}: {err})") from None
+    model = VideoMAE(cfg).to(device)
+    load_weights(model, state.get("model"), path)
     return model.eval(), state["config"]
 

@@ -5,6 +5,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 
 from bwssl_core import video as video_mod
@@ -50,7 +51,8 @@ def frame_ids(clip: torch.Tensor, written: np.ndarray) -> list[int]:
 
 
 def make_bad(folder: Path, kind: str, good: Path) -> Path:
-    """A video that cannot give a clip: zero-byte, truncated, not a video, no video stream, too short."""
+    """A video that cannot give a clip of 4 frames at rate 4: zero-byte, truncated, random bytes, text or a
+    PNG image named .mp4, audio only (no video stream), one frame, 6 frames."""
     path = folder / f"bad_{kind}.mp4"
     if kind == "zero":
         path.write_bytes(b"")
@@ -59,6 +61,10 @@ def make_bad(folder: Path, kind: str, good: Path) -> Path:
         path.write_bytes(data[:len(data) // 2])
     elif kind == "random":
         path.write_bytes(np.random.default_rng(0).bytes(4000))
+    elif kind == "text":
+        path.write_text("this is not a video\n" * 50)
+    elif kind == "png":
+        Image.fromarray(pattern(1, 32, 32)[0]).save(path, format="PNG")
     elif kind == "audio":
         with av.open(str(path), "w") as container:
             stream = container.add_stream("aac", rate=16000)
@@ -68,12 +74,14 @@ def make_bad(folder: Path, kind: str, good: Path) -> Path:
                 frame.pts = None
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
+    elif kind == "one_frame":
+        write_mp4(path, pattern(1, 32, 32))
     elif kind == "short":
         write_mp4(path, pattern(6, 32, 32))
     return path
 
 
-BAD_KINDS = ["zero", "truncated", "random", "audio", "short"]
+BAD_KINDS = ["zero", "truncated", "random", "text", "png", "audio", "one_frame", "short"]
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +220,16 @@ def test_bad_video_raises_naming_it(vids, kind):
         ds = VideoClips(lst, num_frames=4, sampling_rate=4)
         for i in range(len(ds)):
             ds[i]
-    if kind == "short":
-        assert "6 frames" in str(err.value) and "16" in str(err.value)
+    if kind in ("short", "one_frame"):
+        assert f"{6 if kind == 'short' else 1} frames, fewer than the 16" in str(err.value)
+
+
+def test_a_one_frame_video_gives_one_frame_clips(vids):
+    d, _ = vids
+    one = make_bad(d, "one_frame", d / "a.mp4")
+    clip, label = VideoClips(write_list(d / "one.txt", [f"{one.name} 3"]), num_frames=1, sampling_rate=1)[0]
+    written = torch.from_numpy(pattern(1, 32, 32)).permute(3, 0, 1, 2).float()  # (C, T, H, W)
+    assert clip.shape == (3, 1, 32, 32) and label == 3 and (clip.float() - written).abs().mean() < 6
 
 
 def test_skip_bad_drops_and_lists_bad_videos(vids, tmp_path):
@@ -221,17 +237,19 @@ def test_skip_bad_drops_and_lists_bad_videos(vids, tmp_path):
     bad = [make_bad(d, kind, d / "a.mp4") for kind in BAD_KINDS]
     lst = write_list(d / "mixed.txt", ["a.mp4 0", *(f"{b.name} 5" for b in bad), "b c.mp4 1"])
     out = tmp_path / "bad.tsv"
-    with pytest.warns(UserWarning, match="5 of 7"):
+    with pytest.warns(UserWarning, match=f"{len(bad)} of {len(bad) + 2}"):
         ds = VideoClips(lst, num_frames=4, sampling_rate=4, skip_bad=True, bad_list_out=out)
     assert len(ds) == 2 and [e.path for e, _ in ds.bad] == bad
     rows = [line.split("\t") for line in out.read_text().splitlines()]
     assert [(r[0], r[1]) for r in rows] == [(f"mixed.txt:{i + 2}", str(b)) for i, b in enumerate(bad)]
-    assert all(r[2] for r in rows) and "6 frames" in rows[-1][2]
+    reasons = dict(zip(BAD_KINDS, (r[2] for r in rows)))
+    assert all(reasons.values()) and "6 frames" in reasons["short"] and "1 frames" in reasons["one_frame"]
+    assert reasons["zero"] == "empty file (0 bytes)" and all("cannot open" in reasons[k] for k in ("text", "png"))
     for i, (name, label) in enumerate([("a", 0), ("b c", 1)]):  # each good video is itself
         clip, got = ds[i]
         ids = frame_ids(clip, frames[name])
         written = torch.from_numpy(frames[name][ids]).permute(3, 0, 1, 2).float()  # (C, T, H, W)
         assert got == label and (clip.float() - written).abs().mean() < 6
-    with pytest.raises(DataError, match="none of its 5 videos"):
+    with pytest.raises(DataError, match=f"none of its {len(bad)} videos"):
         VideoClips(write_list(d / "allbad.txt", [f"{b.name} 0" for b in bad]), num_frames=4, sampling_rate=4,
                    skip_bad=True)
