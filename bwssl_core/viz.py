@@ -1,0 +1,312 @@
+"""Patch-level figures for the notebooks: an attention scrubber for JupyterLab and static plotly
+figures (widgets do not survive in a saved notebook; these do).
+
+Inputs come from the analysis modules (attention.py, patches.py); nothing here reaches into the
+model beyond `forward_intermediates`. Clips are uint8 (C, T, H, W); layers and blocks are 0-based.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from .attention import attention_maps, layer_summary
+from .batches import normalize_video
+from .config import ConfigError, ModelConfig
+from .masking import Mask
+from .model import VideoMAE
+from .patches import influence_gradient, influence_occlusion, reconstructions
+
+COLOURS = qualitative.Plotly
+INFLUENCE = {"gradient": influence_gradient, "occlusion": influence_occlusion}
+
+
+def static_renderer() -> str:
+    """Plotly renderer for executed notebooks: the figure's JSON, plus a PNG when kaleido is there."""
+    return "plotly_mimetype+png" if importlib.util.find_spec("kaleido") else "plotly_mimetype"
+
+
+def _rgb(clip: torch.Tensor) -> np.ndarray:
+    """uint8 (C, T, H, W) -> (T, H, W, 3) for go.Image (one channel is repeated)."""
+    frames = clip.permute(1, 2, 3, 0).cpu().numpy()
+    return frames.repeat(3, axis=-1) if frames.shape[-1] == 1 else frames[..., :3]
+
+
+def mixing(attn: torch.Tensor, cfg: ModelConfig) -> dict[str, list[float]]:
+    """Where each token's attention goes, per head over all L tokens: to itself, to the other
+    tokens of its time slice, to other time slices. attn (B, h, L, L) -> {share: [h]}, summing to 1."""
+    slices = torch.arange(cfg.num_tokens, device=attn.device) // (cfg.grid[1] * cfg.grid[2])
+    same = (slices[:, None] == slices[None, :]).to(attn.dtype)  # (L, L)
+    own = attn.diagonal(dim1=-2, dim2=-1).double().mean((0, 2))
+    in_slice = (attn * same).sum(-1).double().mean((0, 2))
+    return {"self": own.tolist(), "same_slice": (in_slice - own).tolist(), "other_slices": (1 - in_slice).tolist()}
+
+
+def run_diagnostics(model: VideoMAE, clip: torch.Tensor, mask: Mask, influence_method: str = "gradient") -> dict:
+    """Everything the patch notebook shows for one model and one uint8 clip (C, T, H, W).
+
+    Attention is measured over all tokens (no mask), reconstructions under `mask` (one clip).
+    Returns {"attn": [(h, L, L)] per layer, "layers": [per-layer metrics, lists over heads],
+    "influence": [(T', H', W')] per block, "reconstructions": patches.reconstructions(...)}.
+    """
+    if influence_method not in INFLUENCE:
+        raise ConfigError(f"influence_method={influence_method!r}: expected one of {', '.join(INFLUENCE)}")
+    device = model.pixel_mean.device
+    video = normalize_video(clip[None].to(device))  # (1, C, T, H, W)
+    attn = attention_maps(model, video)
+    layers = layer_summary(model, video)
+    spans = model.cfg.spans
+    for row, a in zip(layers, attn):
+        row["block"] = next(k for k, (s, e) in enumerate(spans) if s <= row["layer"] < e)
+        row.update(mixing(a, model.cfg))
+    influence = [INFLUENCE[influence_method](model, video, k)[0].detach().cpu() for k in range(len(spans))]
+    recs = reconstructions(model, video, Mask(mask.ids_keep.to(device), mask.ids_mask.to(device)))
+    return {"attn": [a[0].cpu() for a in attn], "layers": layers, "influence": influence,
+            "reconstructions": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()} for r in recs]}
+
+
+def results(diagnostics: dict[str, dict], partitions: dict[str, tuple], influence_method: str) -> dict:
+    """The JSON-ready metrics: per run, per layer (lists over heads and their mean) and per block."""
+    out = {}
+    for run, d in diagnostics.items():
+        layers = [{**row, **{f"{k}_mean": float(np.mean(v)) for k, v in row.items() if isinstance(v, list)}}
+                  for row in d["layers"]]
+        blocks = []
+        for k, (inf, rec) in enumerate(zip(d["influence"], d["reconstructions"])):
+            share = (inf / inf.sum()).flatten(1).sum(1)  # (T',) share of influence per time slice
+            p = (inf / inf.sum()).flatten().clamp_min(1e-12)
+            blocks.append({"block": k, "recon_error": float(rec["error"].nanmean()), "reinjected": rec["reinjected"],
+                           "influence_method": influence_method, "influence_by_slice": share.tolist(),
+                           "influence_effective_tubes": float(torch.exp(-(p * p.log()).sum()))})
+        out[run] = {"partition": list(partitions[run]), "layers": layers, "blocks": blocks}
+    return out
+
+
+def _square(fig: go.Figure, row_titles: list[str]) -> None:
+    """Image-like subplots: rows run down, one pixel as tall as wide, no tick labels, rows named on
+    the left (the right holds the colour bar)."""
+    for r, title in enumerate(row_titles):
+        fig.update_yaxes(title_text=title, row=r + 1, col=1)
+    for name in list(fig.layout):
+        if name.startswith("yaxis"):
+            fig.layout[name].update(autorange="reversed", scaleanchor="x" + name[5:], showticklabels=False,
+                                    constrain="domain")
+        elif name.startswith("xaxis"):
+            fig.layout[name].update(showticklabels=False, constrain="domain")
+
+
+def _by_layer(fig, summaries, partitions, key, row=1, col=1, legend=True):
+    """One line per run (mean over heads), heads as faint dots, BWSSL block boundaries dashed."""
+    for i, (run, rows) in enumerate(summaries.items()):
+        c = COLOURS[i % len(COLOURS)]
+        x = [r["layer"] for r in rows]
+        fig.add_scatter(x=x, y=[float(np.mean(r[key])) for r in rows], mode="lines+markers", name=run,
+                        line_color=c, legendgroup=run, showlegend=legend, row=row, col=col)
+        heads = [(r["layer"], v) for r in rows for v in r[key]]
+        fig.add_scatter(x=[h[0] for h in heads], y=[h[1] for h in heads], mode="markers", opacity=0.35,
+                        marker=dict(color=c, size=5), legendgroup=run, showlegend=False, hoverinfo="skip",
+                        row=row, col=col)
+        for end in np.cumsum(partitions[run])[:-1]:
+            fig.add_vline(x=end - 0.5, line_dash="dash", line_color=c, opacity=0.6, row=row, col=col)
+
+
+def distance_figure(summaries: dict[str, list[dict]], partitions: dict[str, tuple]) -> go.Figure:
+    """Mean attention distance by layer, space (px) and time (frames), one line per run."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("spatial", "temporal"))
+    _by_layer(fig, summaries, partitions, "spatial_px")
+    _by_layer(fig, summaries, partitions, "temporal_frames", col=2, legend=False)
+    fig.update_xaxes(title_text="encoder layer", dtick=1)
+    fig.update_yaxes(title_text="mean attention distance (px)", col=1)
+    fig.update_yaxes(title_text="mean attention distance (frames)", col=2)
+    fig.update_layout(title="Mean attention distance (dots: heads; dashed: block boundaries)", height=380)
+    return fig
+
+
+def entropy_figure(summaries: dict[str, list[dict]], partitions: dict[str, tuple], num_tokens: int) -> go.Figure:
+    """Attention entropy by layer; the dotted line is uniform attention over all tokens."""
+    fig = go.Figure()
+    _by_layer(fig, summaries, partitions, "entropy", row=None, col=None)
+    fig.add_hline(y=math.log(num_tokens), line_dash="dot", annotation_text="uniform")
+    fig.update_layout(title="Attention entropy", xaxis_title="encoder layer", xaxis_dtick=1,
+                      yaxis_title="attention entropy (nats)", height=380)
+    return fig
+
+
+def mixing_figure(summaries: dict[str, list[dict]]) -> go.Figure:
+    """Token mixing: stacked shares of attention to itself, its time slice and other slices, by layer."""
+    fig = make_subplots(rows=1, cols=len(summaries), subplot_titles=list(summaries), shared_yaxes=True)
+    parts = {"self": "to itself", "same_slice": "to others, same time slice", "other_slices": "to other time slices"}
+    for i, rows in enumerate(summaries.values()):
+        for j, (key, label) in enumerate(parts.items()):
+            fig.add_bar(x=[r["layer"] for r in rows], y=[float(np.mean(r[key])) for r in rows], name=label,
+                        marker_color=COLOURS[j], legendgroup=key, showlegend=i == 0, row=1, col=i + 1)
+    fig.update_xaxes(title_text="encoder layer", dtick=1)
+    fig.update_yaxes(title_text="share of attention", range=[0, 1], col=1)
+    fig.update_layout(barmode="stack", title="Token mixing (mean over heads)", height=380)
+    return fig
+
+
+def influence_figure(influence: list[torch.Tensor], clip: torch.Tensor, cfg: ModelConfig, run: str,
+                     method: str) -> go.Figure:
+    """Each block's share of patch influence on its pooled output, per tube slice (columns), under
+    the first frame of that slice."""
+    T_, t = cfg.grid[0], cfg.tubelet_size
+    frames = _rgb(clip)
+    fig = make_subplots(rows=len(influence) + 1, cols=T_, horizontal_spacing=0.01, vertical_spacing=0.03,
+                        column_titles=[f"frames {s * t}-{s * t + t - 1}" for s in range(T_)])
+    for s in range(T_):
+        fig.add_image(z=frames[s * t], row=1, col=s + 1)
+        for k, inf in enumerate(influence):
+            fig.add_heatmap(z=(inf / inf.sum())[s].numpy(), coloraxis="coloraxis", row=k + 2, col=s + 1)
+    _square(fig, ["clip"] + [f"block {k}" for k in range(len(influence))])
+    fig.update_layout(title=f"{run}: patch influence on each block's pooled output<br>"
+                            f"<sup>share of the block's total, {method}</sup>",
+                      coloraxis=dict(colorscale="Viridis", colorbar_title="share"),
+                      height=140 * (len(influence) + 1) + 140, width=max(520, 130 * T_ + 220))
+    return fig
+
+
+def reconstruction_figure(recs: list[dict], clip: torch.Tensor, mask: Mask, cfg: ModelConfig, run: str) -> go.Figure:
+    """Per block: its reconstruction of the clip (first frame of each tube slice) and its error per
+    hidden tube (shared colour scale; visible tubes blank). Top rows: the clip and what was visible."""
+    T_, H_, W_ = cfg.grid
+    t, p = cfg.tubelet_size, cfg.patch_size
+    frames = _rgb(clip)
+    hidden = mask.hidden[0].view(T_, H_, W_).cpu().numpy()
+    shown = frames.copy()
+    shown[np.kron(hidden, np.ones((t, p, p), dtype=bool))] = 127  # hidden tubes grey
+    titles = ["clip", "visible"]
+    for k in range(len(recs)):
+        titles += [f"block {k} recon", f"block {k} error"]
+    fig = make_subplots(rows=len(titles), cols=T_, horizontal_spacing=0.01, vertical_spacing=0.02,
+                        column_titles=[f"frame {s * t}" for s in range(T_)])
+    for s in range(T_):
+        fig.add_image(z=frames[s * t], row=1, col=s + 1)
+        fig.add_image(z=shown[s * t], row=2, col=s + 1)
+        for k, rec in enumerate(recs):
+            pix = (rec["pixels"][0, :, s * t].clamp(0, 1) * 255).round().to(torch.uint8)
+            fig.add_image(z=_rgb(pix[:, None])[0], row=3 + 2 * k, col=s + 1)
+            fig.add_heatmap(z=rec["error"][0, s].numpy(), coloraxis="coloraxis", row=4 + 2 * k, col=s + 1)
+    _square(fig, titles)
+    note = "hidden tubes shown with the ground truth's per-patch mean and std re-injected" \
+        if recs and recs[0]["reinjected"] else "hidden tubes as predicted, in pixels"
+    fig.update_layout(title=f"{run}: each block's reconstruction<br><sup>{note}</sup>",
+                      height=110 * len(titles) + 140, width=max(520, 130 * T_ + 220),
+                      coloraxis=dict(colorscale="Magma", colorbar_title="MSE per tube"))
+    return fig
+
+
+class AttentionPanel:
+    """Scrub attention maps in JupyterLab: run, block, layer within the block, head (or the mean),
+    shown frame, and query patch (its frame, row and column; or click the map). The heat map shows
+    the query's attention to the tokens of the shown frame's tube slice, over that frame.
+
+    attentions: {run: [(h, L, L)] per layer} for one clip (as run_diagnostics gives);
+    partitions: {run: layers per block}; clip: uint8 (C, T, H, W). Display `panel.widget`.
+    """
+
+    def __init__(self, attentions: dict[str, list[torch.Tensor]], partitions: dict[str, tuple],
+                 clip: torch.Tensor, cfg: ModelConfig):
+        import ipywidgets as w
+
+        self.cfg, self.partitions = cfg, {run: tuple(partitions[run]) for run in attentions}
+        self.attn = {run: torch.stack(maps).half() for run, maps in attentions.items()}  # (layers, h, L, L)
+        self.frames = _rgb(clip)
+        T_, H_, W_ = cfg.grid
+        heads = next(iter(self.attn.values())).shape[1]
+        slider = dict(continuous_update=False, style={"description_width": "initial"})
+        self.run = w.Dropdown(options=list(attentions), description="run")
+        self.head = w.Dropdown(options=[("mean", -1)] + [(str(i), i) for i in range(heads)], description="head")
+        self.block = w.IntSlider(0, min=0, max=0, description="block", **slider)
+        self.layer = w.IntSlider(0, min=0, max=0, description="layer in block", **slider)
+        self.frame = w.IntSlider(0, min=0, max=cfg.num_frames - 1, description="shown frame", **slider)
+        self.query_frame = w.IntSlider(0, min=0, max=cfg.num_frames - 1, description="query frame", **slider)
+        self.row = w.IntSlider(H_ // 2, min=0, max=H_ - 1, description="query row", **slider)
+        self.col = w.IntSlider(W_ // 2, min=0, max=W_ - 1, description="query column", **slider)
+        p = cfg.patch_size
+        self.figure = go.FigureWidget(
+            [go.Image(z=self.frames[0], meta=0, hoverinfo="skip"),
+             go.Heatmap(z=np.zeros((H_, W_)), x0=(p - 1) / 2, dx=p, y0=(p - 1) / 2, dy=p, opacity=0.6,
+                        colorscale="Inferno", colorbar_title="attention", name="attention"),
+             go.Scatter(x=[], y=[], mode="lines", line=dict(color="cyan", width=3), name="query", hoverinfo="skip")],
+            layout=dict(width=520, height=520, margin=dict(t=60), yaxis=dict(scaleanchor="x"), showlegend=False))
+        self.figure.data[1].on_click(self._clicked)
+        self._busy = False
+        self.run.observe(self._run_changed, "value")
+        self.block.observe(self._block_changed, "value")
+        for c in (self.layer, self.head, self.frame, self.query_frame, self.row, self.col):
+            c.observe(lambda _: self._draw(), "value")
+        self.widget = w.VBox([w.HBox([self.run, self.head]), w.HBox([self.block, self.layer]),
+                              w.HBox([self.frame, self.query_frame]), w.HBox([self.row, self.col]), self.figure])
+        self.widget.add_class("bwssl-attention-panel")
+        self._run_changed()
+
+    @property
+    def global_layer(self) -> int:
+        return sum(self.partitions[self.run.value][:self.block.value]) + self.layer.value
+
+    @property
+    def query(self) -> int:
+        """Index of the query token in (t, h, w) raster order."""
+        _, H_, W_ = self.cfg.grid
+        return (self.query_frame.value // self.cfg.tubelet_size * H_ + self.row.value) * W_ + self.col.value
+
+    def attention_map(self) -> np.ndarray:
+        """(H', W'): the query's attention to the tokens of the shown frame's tube slice."""
+        T_, H_, W_ = self.cfg.grid
+        a = self.attn[self.run.value][self.global_layer].float()  # (h, L, L)
+        a = a.mean(0) if self.head.value < 0 else a[self.head.value]
+        s = self.frame.value // self.cfg.tubelet_size
+        return a[self.query].view(T_, H_, W_)[s].numpy()
+
+    def set(self, **values) -> None:
+        """Set controls by name (run, block, layer, head, frame, query_frame, row, col), redrawing once."""
+        order = ["run", "block", "layer", "head", "frame", "query_frame", "row", "col"]
+        unknown = set(values) - set(order)
+        if unknown:
+            raise ValueError(f"unknown control(s) {sorted(unknown)}: expected {order}")
+        self._busy = True
+        try:
+            for name in (n for n in order if n in values):
+                getattr(self, name).value = values[name]
+        finally:
+            self._busy = False
+        self._draw()
+
+    def _run_changed(self, _=None) -> None:
+        self.block.max = len(self.partitions[self.run.value]) - 1
+        self._block_changed()
+
+    def _block_changed(self, _=None) -> None:
+        self.layer.max = self.partitions[self.run.value][self.block.value] - 1
+        self._draw()
+
+    def _clicked(self, trace, points, state) -> None:
+        if points.xs:  # heat map cell centres sit at (p - 1) / 2 + index * p
+            p = self.cfg.patch_size
+            self.set(query_frame=self.frame.value, row=round(points.ys[0] // p), col=round(points.xs[0] // p))
+
+    def _draw(self) -> None:
+        if self._busy:
+            return
+        p, t = self.cfg.patch_size, self.cfg.tubelet_size
+        z = self.attention_map()
+        x0, y0 = self.col.value * p - 0.5, self.row.value * p - 0.5
+        same = self.query_frame.value // t == self.frame.value // t
+        head = "mean over heads" if self.head.value < 0 else f"head {self.head.value}"
+        with self.figure.batch_update():
+            if self.figure.data[0].meta != self.frame.value:  # send a frame only when it changes
+                self.figure.data[0].update(z=self.frames[self.frame.value], meta=self.frame.value)
+            self.figure.data[1].z = z
+            self.figure.data[2].x = [x0, x0 + p, x0 + p, x0, x0]
+            self.figure.data[2].y = [y0, y0, y0 + p, y0 + p, y0]
+            self.figure.data[2].line.dash = "solid" if same else "dot"
+            self.figure.layout.title.text = (
+                f"{self.run.value}, block {self.block.value}, layer {self.global_layer}, {head}<br>"
+                f"query at frame {self.query_frame.value} ({'solid' if same else 'dotted: another slice'}); "
+                f"{z.sum():.0%} of its attention is on this slice")

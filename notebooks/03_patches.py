@@ -1,0 +1,115 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 Patches: attention, patch influence and reconstructions, E2E against BWSSL
+#
+# One clip of the data split, through each run of the study. The live panel (JupyterLab) scrubs
+# attention maps by run, block, layer, head, frame and query patch; the static figures below it
+# are what survives in the saved notebook. Attention is measured over all tokens of the clip (no
+# mask); reconstructions use one fixed tube mask, the same for every run.
+
+# %%
+import plotly.io as pio
+import torch
+
+from bwssl_core import notebook, viz
+from bwssl_core.evaluate import load_split
+from bwssl_core.io import save_json
+from bwssl_core.study import results_path, run_dir
+from bwssl_core.train import default_device, load_run
+
+# %% tags=["parameters"]
+study = "runs/study-demo"  # the study folder (bwssl study): runs/<name>/ inside
+data = "data/synth"  # data folder with <split>.csv
+runs = ["e2e", "bwssl-k2"]  # run names under <study>/runs/
+clip = 0  # index of the clip in the split
+split = "val"
+device = "auto"  # "auto": the local GPU if any, else the CPU
+influence_method = "gradient"  # "gradient" (Jacobian norm per tube) or "occlusion" (one forward per tube)
+mask_seed = 0  # seed of the tube mask for the reconstructions
+
+# %%
+P = notebook.parameters(globals(), "03_patches")
+pio.renderers.default = viz.static_renderer()
+dev = default_device() if device == "auto" else device
+torch.manual_seed(0)
+
+# %% [markdown]
+# ## Models and clip
+
+# %%
+models, configs = {}, {}
+for name in runs:
+    models[name], configs[name] = load_run(run_dir(study, name), dev)
+cfg = models[runs[0]].cfg
+video, labels = load_split(data, split, cfg)
+x = video[clip]  # uint8 (C, T, H, W)
+mask = models[runs[0]].random_mask(1, torch.Generator(device=dev).manual_seed(mask_seed))
+partitions = {name: m.cfg.partition for name, m in models.items()}
+diagnostics = {name: viz.run_diagnostics(m, x, mask, influence_method) for name, m in models.items()}
+print({name: list(p) for name, p in partitions.items()}, "clip", clip, {k: int(v[clip]) for k, v in labels.items()})
+
+# %% [markdown]
+# ## Attention panel (live in JupyterLab)
+#
+# The heat map is the query patch's attention (cyan box) to the tokens of the shown frame's tube
+# slice. Click the map to move the query; a dotted box means the query sits in another slice.
+
+# %%
+panel = viz.AttentionPanel({n: d["attn"] for n, d in diagnostics.items()}, partitions, x, cfg)
+panel.widget
+
+# %% [markdown]
+# ## Attention by layer
+#
+# Mean attention distance (space in pixels, time in frames), token mixing and attention entropy,
+# one line per run. Dashed lines mark the boundaries of BWSSL blocks: is there a jump there?
+
+# %%
+summaries = {n: d["layers"] for n, d in diagnostics.items()}
+viz.distance_figure(summaries, partitions)
+
+# %%
+viz.mixing_figure(summaries)
+
+# %%
+viz.entropy_figure(summaries, partitions, cfg.num_tokens)
+
+# %% [markdown]
+# ## Patch influence on each block's pooled representation
+
+# %%
+for name, d in diagnostics.items():
+    viz.influence_figure(d["influence"], x, cfg, name, influence_method).show()
+
+# %% [markdown]
+# ## Each block's reconstruction and its error per tube
+#
+# With per-tube normalised targets the shown pixels carry the ground truth's per-patch mean and
+# std (the title says so): judge the error maps, not how natural the images look.
+
+# %%
+for name, d in diagnostics.items():
+    viz.reconstruction_figure(d["reconstructions"], x, mask, cfg, name).show()
+
+# %% [markdown]
+# ## Results
+
+# %%
+out = results_path(study, "03_patches")
+save_json(out, {"notebook": "03_patches", "parameters": P,
+                "runs": viz.results(diagnostics, partitions, influence_method)})
+print("wrote", out)

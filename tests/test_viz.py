@@ -1,0 +1,153 @@
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import papermill
+import pytest
+import torch
+
+from bwssl_core import ConfigError, VideoMAE, model_config, tube_mask, viz
+from bwssl_core.study import results_path
+from notebook_fixtures import jupyter_env, make_study, notebook_ipynb
+
+
+@pytest.fixture(scope="module")
+def diag():
+    """run_diagnostics of two tiny random-weight models (E2E and two blocks) on one random clip."""
+    torch.manual_seed(0)
+    models = {"e2e": VideoMAE(model_config("tiny")), "bwssl-k2": VideoMAE(model_config("tiny", blocks=2))}
+    clip = (torch.rand(3, 4, 32, 32) * 255).to(torch.uint8)
+    cfg = models["e2e"].cfg
+    mask = tube_mask(1, cfg.grid, cfg.mask_ratio, torch.Generator().manual_seed(0))
+    d = {name: viz.run_diagnostics(m, clip, mask) for name, m in models.items()}
+    partitions = {name: m.cfg.partition for name, m in models.items()}
+    return d, partitions, clip, mask, cfg
+
+
+def panel_of(diag):
+    d, partitions, clip, _, cfg = diag
+    return viz.AttentionPanel({n: x["attn"] for n, x in d.items()}, partitions, clip, cfg)
+
+
+def test_panel_block_changes_the_map_in_place(diag):
+    panel = panel_of(diag)
+    fig, heat = panel.figure, panel.figure.data[1]
+    assert panel.block.max == 0  # e2e: one block
+    panel.set(run="bwssl-k2")
+    assert (panel.block.max, panel.layer.max) == (1, 1)
+    before = np.array(heat.z)
+    panel.set(block=1, layer=1)
+    assert panel.global_layer == 3
+    assert panel.figure is fig and panel.figure.data[1] is heat  # traces updated, figure not rebuilt
+    assert np.abs(np.array(heat.z) - before).max() > 1e-4
+    np.testing.assert_allclose(np.array(heat.z), panel.attention_map())
+    assert "block 1" in fig.layout.title.text and "layer 3" in fig.layout.title.text
+    panel.set(run="e2e")  # back to one block: block and layer clamp into range
+    assert panel.block.value == 0 and panel.layer.max == 3
+
+
+def test_panel_map_is_the_query_row_of_the_attention(diag):
+    d, partitions, *_ = diag
+    panel = panel_of(diag)
+    panel.set(run="bwssl-k2", block=1, layer=0, head=1, frame=3, query_frame=0, row=2, col=1)
+    attn = d["bwssl-k2"]["attn"][2][1]  # (L, L) of global layer 2, head 1
+    query = (0 * 4 + 2) * 4 + 1  # (t', row, col) = (0, 2, 1)
+    np.testing.assert_allclose(panel.attention_map(), attn[query].view(2, 4, 4)[1].numpy(), atol=1e-3)
+    assert list(panel.figure.data[2].x) == [7.5, 15.5, 15.5, 7.5, 7.5]  # the query box, column 1
+    panel.set(head=-1)
+    mean = d["bwssl-k2"]["attn"][2].mean(0)[query].view(2, 4, 4)[1].numpy()
+    np.testing.assert_allclose(panel.attention_map(), mean, atol=1e-3)
+    with pytest.raises(ValueError, match="colour"):
+        panel.set(colour=1)
+    panel._clicked(None, SimpleNamespace(xs=[27.5], ys=[3.5]), None)  # a click on cell (row 0, col 3)
+    assert (panel.query_frame.value, panel.row.value, panel.col.value) == (3, 0, 3)
+
+
+def test_layer_figures(diag):
+    d, partitions, _, _, cfg = diag
+    summaries = {n: x["layers"] for n, x in d.items()}
+    fig = viz.distance_figure(summaries, partitions)
+    assert fig.layout.xaxis.title.text == "encoder layer"
+    assert fig.layout.yaxis.title.text == "mean attention distance (px)"
+    assert fig.layout.yaxis2.title.text == "mean attention distance (frames)"
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    assert [t.name for t in lines] == ["e2e", "bwssl-k2", "e2e", "bwssl-k2"]
+    assert all(len(t.y) == 4 for t in lines)
+    assert len(fig.layout.shapes) == 2  # bwssl-k2's block boundary in both panels
+    fig = viz.entropy_figure(summaries, partitions, cfg.num_tokens)
+    assert fig.layout.yaxis.title.text == "attention entropy (nats)"
+    assert all(0 < y <= math.log(cfg.num_tokens) + 1e-6 for t in fig.data for y in t.y)
+    fig = viz.mixing_figure(summaries)
+    assert fig.layout.barmode == "stack" and len(fig.data) == 6
+    total = sum(np.array(t.y) for t in fig.data[:3])
+    np.testing.assert_allclose(total, 1, atol=1e-5)
+
+
+def test_mixing_shares(tiny):
+    cfg = tiny()
+    eye = torch.eye(cfg.num_tokens)[None, None]  # every token attends to itself only
+    assert viz.mixing(eye, cfg) == {"self": [1.0], "same_slice": [0.0], "other_slices": [0.0]}
+    uniform = torch.full((1, 1, 32, 32), 1 / 32)  # 16 tokens per slice
+    m = viz.mixing(uniform, cfg)
+    np.testing.assert_allclose([m["self"][0], m["same_slice"][0], m["other_slices"][0]], [1 / 32, 15 / 32, 0.5])
+
+
+def test_patch_figures_and_results(diag):
+    d, partitions, clip, mask, cfg = diag
+    fig = viz.influence_figure(d["bwssl-k2"]["influence"], clip, cfg, "bwssl-k2", "gradient")
+    assert [t.type for t in fig.data].count("heatmap") == 2 * cfg.grid[0]  # blocks x tube slices
+    shares = sum(np.array(t.z).sum() for t in fig.data if t.type == "heatmap")
+    assert shares == pytest.approx(2.0, abs=1e-4)  # each block's map sums to 1
+    fig = viz.reconstruction_figure(d["bwssl-k2"]["reconstructions"], clip, mask, cfg, "bwssl-k2")
+    assert [t.type for t in fig.data].count("image") == (2 + 2) * cfg.grid[0]  # clip, visible, 2 blocks
+    assert "re-injected" in fig.layout.title.text  # the tiny preset predicts normalised tubes
+    assert fig.layout.yaxis5.title.text == "block 0 recon"  # row 3, column 1 of T' = 2 columns
+    assert fig.layout.yaxis5.scaleanchor == "x5" and fig.layout.yaxis5.autorange == "reversed"
+    plain = VideoMAE(model_config("tiny", norm_target=False))
+    recs = viz.run_diagnostics(plain, clip, mask)["reconstructions"]
+    assert "re-injected" not in viz.reconstruction_figure(recs, clip, mask, cfg, "plain").layout.title.text
+    out = viz.results(d, partitions, "gradient")
+    json.dumps(out)
+    assert [b["block"] for b in out["bwssl-k2"]["blocks"]] == [0, 1]
+    row = out["e2e"]["layers"][0]
+    assert {"layer", "block", "spatial_px_mean", "temporal_frames_mean", "entropy_mean", "self_mean"} <= set(row)
+    assert len(row["spatial_px"]) == cfg.num_heads
+    with pytest.raises(ConfigError, match="influence_method"):
+        viz.run_diagnostics(plain, clip, mask, "saliency")
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    return make_study(tmp_path_factory.mktemp("study"))
+
+
+@pytest.fixture
+def executed(tmp_path, monkeypatch, tiny_study):
+    """Run notebooks/03_patches.py with Papermill on the tiny study: execute(**parameters)."""
+    for var, value in jupyter_env(tmp_path / "jupyter").items():
+        monkeypatch.setenv(var, value)
+    source = notebook_ipynb("03_patches", tmp_path / "03_patches.ipynb")
+    study, data = tiny_study
+
+    def execute(**parameters):
+        return papermill.execute_notebook(str(source), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
+                                          parameters={"study": str(study), "data": str(data), **parameters},
+                                          kernel_name="python3", progress_bar=False, store_widget_state=False)
+    return execute
+
+
+@pytest.mark.timeout(300)
+def test_notebook_runs_under_papermill(executed, tiny_study):
+    executed(device="cpu")
+    out = json.loads(results_path(tiny_study[0], "03_patches").read_text())
+    assert out["notebook"] == "03_patches" and out["parameters"]["device"] == "cpu"
+    assert set(out["runs"]) == {"e2e", "bwssl-k2"}
+    assert len(out["runs"]["bwssl-k2"]["layers"]) == 4 and len(out["runs"]["bwssl-k2"]["blocks"]) == 2
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("bad, named", [({"clips": 3}, "clips"), ({"clip": "first"}, "clip=")])
+def test_notebook_names_a_bad_parameter(executed, bad, named):
+    with pytest.raises(papermill.PapermillExecutionError, match=named):
+        executed(**bad)
