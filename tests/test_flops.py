@@ -1,0 +1,79 @@
+"""The analytic FLOP count against a hand count and against torch's FLOP counter; the benchmark runs."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from bwssl_core import VideoMAE
+from bwssl_core.flops import mfu, train_step_flops
+from bwssl_core.masking import tube_mask
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_pretrain.py"
+
+
+def test_hand_count_tiny(tiny):
+    """tiny: 4 x 32 x 32 clips, tubes 2 x 8 x 8 x 3 = 384 pixels, grid 2 x 4 x 4 = 32 tokens, mask 0.75
+    keeps 4 of 16 positions per slice: 8 visible, 24 hidden. Width 32 (MLP 128), decoder 16 (MLP 64)."""
+    f = train_step_flops(tiny(partition=(1, 3)), batch=2)
+    embed = 2 * 32 * 384 * 32  # all 32 tubes
+    enc_layer = (2 * 8 * 32 * 96  # qkv on 8 visible tokens
+                 + 2 * 2 * 8 * 8 * 32  # q k^T and a v
+                 + 2 * 8 * 32 * 32  # proj
+                 + 2 * 2 * 8 * 32 * 128)  # fc1 and fc2
+    decoder = (2 * 8 * 32 * 16  # embed the visible features
+               + 2 * 32 * 16 * 48 + 2 * 2 * 32 * 32 * 16 + 2 * 32 * 16 * 16 + 2 * 2 * 32 * 16 * 64  # 1 layer, 32 tokens
+               + 2 * 24 * 16 * 384)  # head on the 24 hidden tokens
+    assert (embed, enc_layer, decoder) == (786_432, 204_800, 565_248)
+    block0 = 2 * (2 * embed + 3 * (enc_layer + decoder))  # batch 2; the video needs no gradient
+    block1 = 2 * 3 * (3 * enc_layer + decoder)
+    assert f["blocks"] == [block0, block1] == [7_766_016, 7_077_888]
+    assert f["total"] == block0 + block1 and f["per_clip"] == (block0 + block1) / 2
+    assert f["embed"] == 2 * 2 * embed and f["enc_attention"] == 2 * 3 * 4 * (2 * 2 * 8 * 8 * 32)
+    parts = sum(v for k, v in f.items() if k not in ("blocks", "total", "per_clip"))
+    assert parts == f["total"]
+    assert mfu(f["total"] / 0.5, 1e9) == pytest.approx(f["total"] * 2 / 1e9)
+
+
+@pytest.mark.parametrize("kw, memory", [(dict(), False), (dict(partition=(1, 3)), True),
+                                        (dict(partition=(2, 2), dec_shared=True), False),
+                                        (dict(partition=(1, 1, 2), mlp_ratio=2.0, mask_ratio=0.5), True)])
+def test_equals_torch_flop_counter(tiny, clips, kw, memory):
+    """FlopCounterMode on a real forward and backward. It counts matmuls, convolutions and fused
+    attention kernels, but not the CPU flash-attention kernel that scaled_dot_product_attention
+    picks on the CPU; the math backend writes attention as two bmm, which it counts. Both then
+    count the same operations, so they agree exactly (no tolerance needed)."""
+    cfg = tiny(**kw)
+    model = VideoMAE(cfg)
+    video = clips(batch=2, cfg=cfg)
+    mask = tube_mask(2, cfg.grid, cfg.mask_ratio, torch.Generator().manual_seed(0))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        losses = model(video, mask, backward=(lambda k, loss: loss.backward()) if memory else None)
+        if not memory:
+            torch.stack(losses).sum().backward()
+    assert counter.get_total_flops() == train_step_flops(cfg, 2)["total"]
+
+
+def test_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/bench_pretrain.py at tiny size: every row there, positive and finite numbers."""
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("bench_pretrain", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    result = bench.main(["--presets", "tiny", "--batch", "2", "--steps", "1", "--repeats", "1", "--warmup", "1",
+                         "--blocks", "2", "--variants", "memory", "joint", "--per-block", "--peak-n", "256",
+                         "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [(r["impl"], r["blocks"]) for r in result["rows"]] == [("hf_sdpa", 1), ("e2e", 1), ("bw_memory", 2),
+                                                                  ("bw_joint", 2)]
+    assert result["rows"][0]["attn_used"] == "sdpa" and result["env"]["peak_flop_per_s"] > 0
+    for r in result["rows"]:
+        for key in ("step_ms", "clips_per_s", "tflop_per_s", "mfu", "peak_gib", "vs_hf"):
+            assert 0 < r[key] < float("inf"), (r["impl"], key)
+    (est,) = result["per_block"]
+    assert est["blocks"] == 2 and len(est["block_ms"]) == 2 and min(est["block_ms"]) > 0
+    assert 0.9 < est["speedup"] <= 2 and est["est_clips_per_s"] > 0 and est["speedup_vs_trainer"] > 0
