@@ -22,10 +22,7 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-# Until the study notebooks land: the default data set (made once), then E2E pretraining of the
-# CPU preset for ten minutes with per-layer probes against random-init and raw-pixel controls.
-DATA := data/synth
+# The study: notebooks 01-04 executed by Papermill into runs/study-<timestamp>/, then report.html
+# (a GPU, when there is one, picks the larger `gpu` study; PARAMS="-p steps 400" overrides).
 study: $(STAMP)
-	test -f $(DATA)/train.csv || $(BIN)/bwssl synth --out $(DATA)
-	$(BIN)/python benchmarks/learnability.py --data $(DATA) --out $(STUDY)/e2e --budget 600 --plain-target
-	@echo "study written to $(STUDY)"
+	$(BIN)/bwssl study --out $(STUDY) $(PARAMS)

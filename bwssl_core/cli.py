@@ -103,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", help="default: the local GPU if any")
     a.add_argument("--overwrite", action="store_true", help="replace the run's analyze.json")
 
+    st = sub.add_parser("study", help="run the study notebooks with Papermill, then write report.html",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    st.add_argument("--out", help="study folder (default: runs/study-<timestamp>)")
+    st.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="a notebook parameter (a Python literal, else a string), e.g. -p steps 400")
+    st.add_argument("--smoke", action="store_true", help="a tiny study for tests (seconds, not minutes)")
+    st.add_argument("--resume", action="store_true", help="continue a study in --out; finished notebooks are kept")
+    st.add_argument("--notebooks", help="comma-separated subset, e.g. 01_pretrain,02_probe (default: all, in order)")
+
     sub.add_parser("presets", help="list the model presets")
     return parser
 
@@ -237,6 +246,26 @@ def cmd_analyze(args) -> None:
     print(json.dumps({"out": str(out), "layers": result["layers"], "clips": result["clips"]}))
 
 
+def cmd_study(args) -> None:
+    import ast
+    import time
+
+    import torch
+
+    from .study import GPU, NOTEBOOK_ORDER, SMOKE, run_study
+
+    params = dict(SMOKE if args.smoke else GPU if torch.cuda.is_available() else {})
+    for name, value in args.param:
+        try:
+            params[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            params[name] = value  # a bare word: a string
+    out = Path(args.out or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}")
+    notebooks = args.notebooks.split(",") if args.notebooks else NOTEBOOK_ORDER
+    run_study(out, params, notebooks, resume=args.resume)
+    print(json.dumps({"out": str(out), "report": str(out / "report.html")}))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -250,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_probe(args)
         elif args.command == "analyze":
             cmd_analyze(args)
+        elif args.command == "study":
+            cmd_study(args)
         elif args.command == "presets":
             for name, values in PRESETS.items():
                 print(name, json.dumps(values))

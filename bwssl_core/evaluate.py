@@ -11,9 +11,9 @@ import torch
 from .config import ConfigError, ModelConfig
 from .listfile import parse_list_file
 from .model import VideoMAE
-from .features import FeatureCache, key_of, model_hash, tensor_hash
+from .features import FeatureCache, encoder_hash, key_of, tensor_hash
 from .attentive import attentive_probe
-from .probe import POOLINGS, ProbeSpace, layer_features, pixel_features, retrieval, token_features
+from .probe import POOLINGS, ProbeSpace, feature_precision, layer_features, pixel_features, pixel_tokens, retrieval
 
 
 def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: int | None = None):
@@ -42,7 +42,7 @@ def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: in
 
 def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings=POOLINGS, seed: int = 0,
               ks=(1, 5, 10, 20, 50), device="cpu", cache: str | Path | None = None, meta: dict | None = None,
-              attentive_layers=(), attentive_families=None) -> dict:
+              attentive_layers=(), attentive_families=None, precision: str = "auto") -> dict:
     """{control or "trained": {pooling: {family: {"acc": [per layer], "R@k": [per layer], ...}}}}.
 
     train, val: (uint8 clips (N, C, T, H, W), {family: labels (N,)}). The random-init control is
@@ -52,31 +52,45 @@ def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings
     `meta` (config, checkpoint, data) is recorded beside each entry.
     attentive_layers (e.g. [-1]): also the token-level attentive probe on those layers (the last
     for pixels), for attentive_families (default: all), under the key "attentive".
+    precision: of the frozen features ("auto": bf16 where native, see probe.feature_precision).
     """
     (train_clips, train_labels), (val_clips, val_labels) = train, val
     families = list(train_labels) if families is None else list(families)
     missing = [f for f in families if f not in train_labels or f not in val_labels]
     if missing:
         raise ConfigError(f"label families {missing} are not in the data (it has {sorted(train_labels)})")
-    cfg, store = model.cfg, FeatureCache(cache)
+    cfg, store, precision = model.cfg, FeatureCache(cache), feature_precision(device, precision)
     torch.manual_seed(seed)
     models = {"trained": model, "random_init": VideoMAE(cfg), "pixels": None}
     clips_key = tensor_hash(train_clips, val_clips)
     ks = tuple(k for k in ks if k <= len(train_clips))
+    splits = {"train": train_clips, "val": val_clips}
     out = {}
     for name, net in models.items():
-        weights = model_hash(net) if net is not None else f"{cfg.tubelet_size}x{cfg.patch_size}"
+        weights = encoder_hash(net) if net is not None else f"{cfg.tubelet_size}x{cfg.patch_size}"
         feat_key = key_of(name if net is not None else "pixels", weights=weights, clips=clips_key,
-                          poolings=list(poolings), grid=list(cfg.grid))
+                          poolings=list(poolings), grid=list(cfg.grid), precision=precision if net is not None else None)
+        token_layers = (list(attentive_layers) if net is not None else [0]) if attentive_layers else []
+        tokens = {}  # split -> (layers, N, L, D), filled by the pass that computes the pooled features
 
-        def compute(net=net):
+        def compute(net=net, token_layers=token_layers, tokens=tokens):
             if net is None:
                 return {split: pixel_features(c, cfg.tubelet_size, cfg.patch_size, cfg.grid, poolings)
-                        for split, c in (("train", train_clips), ("val", val_clips))}
-            return {split: layer_features(net, c, poolings, device=device)
-                    for split, c in (("train", train_clips), ("val", val_clips))}
+                        for split, c in splits.items()}
+            feats = {}
+            for split, c in splits.items():
+                feats[split], tokens[split] = layer_features(net, c, poolings, device=device,
+                                                             token_layers=token_layers, precision=precision)
+            return feats
 
-        def probes(feats):
+        def token_level(net=net, token_layers=token_layers, tokens=tokens):
+            for split, c in splits.items():
+                if split not in tokens:  # pooled features came from the cache: one pass for the tokens
+                    tokens[split] = pixel_tokens(c, cfg.tubelet_size, cfg.patch_size) if net is None else \
+                        layer_features(net, c, (), device=device, token_layers=token_layers, precision=precision)[1]
+            return tokens["train"], tokens["val"]
+
+        def probes(feats, token_layers=token_layers, token_level=token_level):
             res = {}
             for pool in poolings:
                 res[pool] = {fam: {} for fam in families}
@@ -88,13 +102,11 @@ def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings
                         row = {**space.probe(tr_y, va_y, seed=seed), **retrieval(tr_x, tr_y, va_x, va_y, ks)}
                         for k, v in row.items():
                             res[pool][fam].setdefault(k, []).append(v)
-            if attentive_layers:
-                layers = list(attentive_layers) if net is not None else [0]
-                tokens = [token_features(net, c, layers, device=device, tubes=(cfg.tubelet_size, cfg.patch_size))
-                          for c in (train_clips, val_clips)]
-                res["attentive"] = {fam: {"acc": [attentive_probe(tokens[0][i], train_labels[fam], tokens[1][i],
-                                                                  val_labels[fam], seed=seed, device=device)["acc"]
-                                                  for i in range(len(layers))], "layers": layers}
+            if token_layers:
+                tr_t, va_t = token_level()
+                res["attentive"] = {fam: {"acc": [attentive_probe(tr_t[i], train_labels[fam], va_t[i], val_labels[fam],
+                                                                  seed=seed, device=device)["acc"]
+                                                  for i in range(len(token_layers))], "layers": token_layers}
                                     for fam in (attentive_families or families)}
             return res
 

@@ -32,9 +32,13 @@ def key_of(kind: str, **parts) -> str:
     return f"{kind}-{tensor_hash(extra=parts)}"
 
 
-def model_hash(model: torch.nn.Module) -> str:
-    state = model.state_dict()
-    return tensor_hash(*(state[k] for k in sorted(state)), extra={"keys": sorted(state)})
+def encoder_hash(model) -> str:
+    """Hash of what a VideoMAE's features depend on: the tubelet embedding and the encoder layers in
+    global order (not the partition, block norms or decoders), and the position table's kind and grid."""
+    tensors = [*model.stages[0].embed.state_dict().values()]
+    tensors += [t for layer in model.layers for t in layer.state_dict().values()]
+    return tensor_hash(*tensors, extra={"pos_embed": model.cfg.pos_embed, "grid": list(model.cfg.grid),
+                                        "heads": model.cfg.num_heads, "eps": model.cfg.norm_eps})
 
 
 class FeatureCache:

@@ -79,14 +79,19 @@ class VideoMAE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
+        rng = torch.random.get_rng_state()
         self.stages = nn.ModuleList(Stage(cfg, n, k == 0) for k, n in enumerate(cfg.partition))
         self.decoders = nn.ModuleList(Decoder(cfg) for _ in range(1 if cfg.dec_shared else len(cfg.partition)))
         shape = (1, cfg.in_chans, 1, 1, 1)
         mean, std = (PIXEL_MEAN, PIXEL_STD) if cfg.in_chans == 3 else ((0.0,) * cfg.in_chans, (1.0,) * cfg.in_chans)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(shape), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(shape), persistent=False)
-        self.apply(init_weights)
+        # initialise from the RNG state at entry, encoder first in layer order: under one seed the
+        # starting encoder is the same whatever the partition or decoders (E2E and BWSSL start matched)
+        torch.random.set_rng_state(rng)
+        self.stages.apply(init_weights)
         for dec in self.decoders:
+            dec.apply(init_weights)
             nn.init.trunc_normal_(dec.mask_token, std=0.02)
 
     @property

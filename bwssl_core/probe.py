@@ -42,35 +42,46 @@ def _batches(clips: torch.Tensor | Iterable[torch.Tensor], batch_size: int):
         yield from clips
 
 
+def feature_precision(device, precision: str = "auto") -> str:
+    """"bf16" or "fp32" for frozen features. "auto": bf16 where it is native (CUDA, or a CPU with
+    avx512_bf16 / amx_bf16, about 1.5x faster than fp32 on a 2-core Zen 4), else fp32."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"precision={precision!r}: expected 'auto', 'bf16' or 'fp32'")
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
 @torch.no_grad()
-def layer_features(model: VideoMAE, clips, poolings=POOLINGS, batch_size: int = 64,
-                   device="cpu") -> dict[str, torch.Tensor]:
+def layer_features(model: VideoMAE, clips, poolings=POOLINGS, batch_size: int = 64, device="cpu",
+                   token_layers=(), precision: str = "auto"):
     """Features of every encoder layer for uint8 clips (N, C, T, H, W) (a tensor or an iterable of
-    batches), all tokens visible: {pooling: (layers, N, F)} on the CPU."""
+    batches), all tokens visible, in one pass: ({pooling: (layers, N, F)} in float32, and for
+    token_layers the token-level features (len(token_layers), N, L, D) in float16, else None), on the CPU."""
     model = model.to(device).eval()
-    out = {kind: [] for kind in poolings}
+    amp = feature_precision(device, precision) == "bf16"
+    out, tokens = {kind: [] for kind in poolings}, []
     for batch in _batches(clips, batch_size):
-        video = normalize_video(batch.to(device))
-        feats = model.forward_intermediates(video)  # list of (B, L, D)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            feats = model.forward_intermediates(normalize_video(batch.to(device)))  # list of (B, L, D)
+        feats = [f.float() for f in feats]
         for kind in poolings:
-            out[kind].append(torch.stack([pool_tokens(f, model.cfg.grid, kind) for f in feats]).float().cpu())
-    return {kind: torch.cat(parts, 1) for kind, parts in out.items()}
+            out[kind].append(torch.stack([pool_tokens(f, model.cfg.grid, kind) for f in feats]).cpu())
+        if token_layers:
+            tokens.append(torch.stack([feats[i] for i in token_layers]).half().cpu())  # (layers, B, L, D)
+    return {kind: torch.cat(parts, 1) for kind, parts in out.items()}, (torch.cat(tokens, 1) if tokens else None)
 
 
-@torch.no_grad()
-def token_features(model: VideoMAE | None, clips, layers: list[int], batch_size: int = 64, device="cpu",
-                   tubes: tuple[int, int] | None = None) -> torch.Tensor:
-    """Token-level features (len(layers), N, L, D) in float16 on the CPU, for the attentive probe.
-    With model None: the raw-pixel control, each tube's pixels (tubes = (tubelet, patch)) as a token."""
-    parts = []
-    for batch in _batches(clips, batch_size):
-        if model is None:
-            parts.append(patchify(batch.float() / 255, *tubes).flatten(2)[None].half())  # (1, B, L, t*p*p*C)
-            continue
-        model = model.to(device).eval()
-        feats = model.forward_intermediates(normalize_video(batch.to(device)))
-        parts.append(torch.stack([feats[i] for i in layers]).half().cpu())  # (layers, B, L, D)
-    return torch.cat(parts, 1)
+def pixel_tokens(clips, tubelet_size: int, patch_size: int, batch_size: int = 64) -> torch.Tensor:
+    """The raw-pixel control at token level: each tube's pixels as a token, (1, N, L, t*p*p*C) float16."""
+    return torch.cat([patchify(b.float() / 255, tubelet_size, patch_size).flatten(2)[None].half()
+                      for b in _batches(clips, batch_size)], 1)
 
 
 @torch.no_grad()

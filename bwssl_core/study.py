@@ -6,10 +6,17 @@
         results/<notebook>.json what each notebook measured
         <notebook>.ipynb        the executed notebooks
         report.html             the key figures and tables
+        FAILED.json             (only after a failure) which notebook and cell failed
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import torch
+
+from .config import ConfigError, to_dict
+from .io import RunError, save_json
 
 
 def run_name(blocks: int) -> str:
@@ -22,3 +29,146 @@ def run_dir(study: str | Path, name: str) -> Path:
 
 def results_path(study: str | Path, notebook: str) -> Path:
     return Path(study) / "results" / f"{notebook}.json"
+
+
+# parameters `bwssl study` sets over the notebooks' defaults: a smoke size for tests, and a larger
+# study when a GPU is there (the defaults are the 2-core CPU study)
+SMOKE = {"data": "data/synth-smoke", "n_train": 64, "n_val": 32, "synth_size": 32, "preset": "tiny", "steps": 20,
+         "batch_size": 8, "warmup_steps": 2, "attentive_families": ["motion"], "cka_batch": 16,
+         "points": ["tiny:1", "tiny:2"]}
+GPU = {"data": "data/synth-112", "n_train": 10000, "n_val": 2000, "synth_size": 112, "preset": "gpu", "steps": 3000,
+       "batch_size": 64, "warmup_steps": 300, "lr": 1.5e-3, "blocks": [1, 2, 4], "points": ["gpu:1", "gpu:2", "gpu:4"]}
+
+
+# -- training runs ---------------------------------------------------------------------------------
+def train_run(out: str | Path, model_cfg, train_cfg, clips: torch.Tensor, device: str, extra: dict | None = None) -> dict:
+    """Pretrain on uint8 clips (N, C, T, H, W) held in memory, shuffled per epoch. Safe to rerun: a
+    finished run with the same config is kept as it is, an unfinished one resumes from its checkpoint,
+    one with another config is refused (never overwritten). Returns the run's last metrics row."""
+    from .batches import epoch_batches
+    from .train import Trainer
+
+    out = Path(out)
+    resume = (out / "checkpoint.pt").exists()
+    # a start that never reached its first checkpoint, with this very config, has nothing to lose
+    restart = not resume and (out / "config.json").exists() and \
+        {k: json.loads((out / "config.json").read_text()).get(k) for k in ("model", "train")} == \
+        {"model": to_dict(model_cfg), "train": to_dict(train_cfg)}
+    trainer = Trainer(model_cfg, train_cfg, out, resume=resume, overwrite=restart, device=device,
+                      extra=extra)  # refuses a run with another config
+    if trainer.step >= train_cfg.steps:
+        return metrics(out)[-1]
+    b = train_cfg.batch_size
+
+    def batches(start, rank, world):
+        for _, ids in epoch_batches(len(clips), b, seed=train_cfg.seed, start_step=start):
+            yield clips[ids]
+
+    try:
+        return trainer.fit(batches)
+    finally:
+        trainer.close()
+
+
+def metrics(run: str | Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# -- notebooks -------------------------------------------------------------------------------------
+NOTEBOOK_ORDER = ("01_pretrain", "02_probe", "03_patches", "04_sweep")
+
+
+def run_notebook(name: str, out: str | Path, params: dict, failure: str | Path | None = None) -> Path:
+    """Execute notebooks/<name>.py (the Jupytext source) with Papermill into `out` (.ipynb), after
+    checking `params` against its parameters cell. On a failing cell, `failure` (a JSON file) says
+    which notebook and cell, and the error is raised as a RunError."""
+    import jupytext
+    import papermill
+
+    from .notebook import check, notebook_path
+
+    check(params, name)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nb = jupytext.read(notebook_path(name))
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    source = out.with_name(f".{out.stem}.input.ipynb")
+    jupytext.write(nb, source, fmt="ipynb")
+    try:
+        papermill.execute_notebook(str(source), str(out), parameters=params, kernel_name="python3",
+                                   progress_bar=False, store_widget_state=False, cwd=str(Path.cwd()))
+    except papermill.PapermillExecutionError as err:
+        info = {"notebook": name, "executed": str(out), "cell": err.cell_index, "execution_count": err.exec_count,
+                "error": err.ename, "message": str(err.evalue)[:2000]}
+        if failure is not None:
+            save_json(Path(failure), info)
+        raise RunError(f"notebook {name} failed in cell {err.cell_index} ({err.ename}: "
+                       f"{str(err.evalue)[:300]}); the partly executed notebook is {out}") from None
+    finally:
+        source.unlink(missing_ok=True)
+    return out
+
+
+def run_study(out: str | Path, params: dict, notebooks=NOTEBOOK_ORDER, resume: bool = False) -> Path:
+    """The study: each notebook in order into `out`, every one given the parameters it takes from
+    `params` (plus study=out), then report.html. A new study refuses an existing folder; with
+    `resume`, notebooks whose results are already written are not run again, and the training and
+    probing inside the others pick up what is done (train_run, the feature cache)."""
+    from .notebook import defaults
+    from .report import write_report
+
+    out = Path(out)
+    if (out / "study.json").exists() and not resume:
+        raise RunError(f"{out} already holds a study: pass --resume to continue it or choose another --out")
+    all_names = {k for name in notebooks for k in defaults(name)}
+    unknown = sorted(set(params) - all_names)
+    if unknown:
+        raise ConfigError(f"unknown study parameter(s) {', '.join(unknown)} (the notebooks take {', '.join(sorted(all_names))})")
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(out / "study.json", {"params": params, "notebooks": list(notebooks)})
+    (out / "FAILED.json").unlink(missing_ok=True)
+    for name in notebooks:
+        if resume and results_path(out, name).exists():
+            continue
+        given = {k: v for k, v in params.items() if k in defaults(name)}
+        run_notebook(name, out / f"{name}.ipynb", {**given, "study": str(out)}, failure=out / "FAILED.json")
+    write_report(out)
+    return out
+
+
+# -- sweeps ----------------------------------------------------------------------------------------
+def sweep_points(points: list[str]) -> dict[str, list[int]]:
+    """["cpu:1", "cpu:2", "tiny:4"] -> {"cpu": [1, 2], "tiny": [4]} (preset: block counts)."""
+    out: dict[str, list[int]] = {}
+    for p in points:
+        preset, _, k = p.partition(":")
+        if not k.isdigit() or int(k) < 1:
+            raise ConfigError(f"sweep point {p!r}: expected 'preset:K' with K >= 1 blocks, e.g. 'cpu:2'")
+        out.setdefault(preset, []).append(int(k))
+    return out
+
+
+def main_probe(study: str | Path, names: list[str]) -> Path | None:
+    """The main study's 02_probe results when they already cover every run in `names` (a sweep point
+    of the main preset needs no new training or probing), else None."""
+    path = results_path(study, "02_probe")
+    if not path.exists():
+        return None
+    probed = json.loads(path.read_text())["parameters"]["runs"]
+    return path if set(names) <= set(probed) else None
+
+
+def point_folder(study: str | Path, preset: str, reuse: list[str]) -> Path:
+    """The study folder of a sweep's preset: study/sweep/<preset>/. Runs named in `reuse` (those of the
+    main study, trained with the same parameters) are linked in, not trained again."""
+    folder = Path(study) / "sweep" / preset
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
+    for name in reuse:
+        link = folder / "runs" / name
+        if not link.exists():
+            link.symlink_to(Path("..", "..", "..", "runs", name), target_is_directory=True)
+    if reuse and (Path(study) / "features").is_dir() and not (folder / "features").exists():
+        (folder / "features").symlink_to(Path("..", "..", "features"), target_is_directory=True)
+    return folder

@@ -20,6 +20,7 @@ tube targets unpredictable).
 from __future__ import annotations
 
 import csv
+import json
 import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigError
 from .io import RunError, save_json
 
 MOTIONS = ("right", "left", "down", "up", "clockwise", "anticlockwise", "expand", "contract")
@@ -250,3 +252,22 @@ def write_dataset(out: str | Path, n_train: int = 2000, n_val: int = 500, cfg: S
                                    "families": {k: n for k, n in FAMILIES.items()}, "motions": MOTIONS,
                                    "shapes": SHAPES, "primary": "motion"})
     return out
+
+
+def ensure_dataset(out: str | Path, n_train: int, n_val: int, cfg: SynthConfig = SynthConfig(), seed: int = 0) -> Path:
+    """The synthetic set in `out`: written when the folder has none; a folder `bwssl synth` wrote
+    with other settings is refused (naming them) rather than silently used; a folder of one's own
+    videos (no synth.json) is taken as it is."""
+    out = Path(out)
+    if not (out / "train.csv").exists():
+        return write_dataset(out, n_train, n_val, cfg, seed)
+    if (out / "synth.json").exists():
+        have = json.loads((out / "synth.json").read_text())
+        want = {"config": asdict(cfg), "seed": seed, "n_train": n_train, "n_val": n_val}
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if diff:
+            raise ConfigError(f"{out} holds a synthetic set made with other settings ("
+                              + "; ".join(f"{k}: {a} there, {b} asked" for k, (a, b) in diff.items())
+                              + "): choose another data folder or delete this one")
+    return out
+

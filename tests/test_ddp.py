@@ -24,4 +24,5 @@ def test_two_processes_equal_one(tmp_path, split):
     a, b = load_checkpoint(one / "checkpoint.pt"), load_checkpoint(two / "checkpoint.pt")
     assert b["config"]["world_size"] == 2 and b["step"] == 4
     for name, value in a["model"].items():
-        torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        # 1e-5: about 1% of one Adam step at this lr (round-off in near-zero gradients, see test_train)
+        torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=1e-5, msg=name)

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from bwssl_core import ConfigError, VideoMAE
 from bwssl_core.layers import sincos_3d
+from bwssl_core.config import model_config
 from bwssl_core.masking import tube_mask
 
 
@@ -86,3 +87,16 @@ def test_clip_that_does_not_fit_is_refused(tiny, clips):
     model = VideoMAE(tiny())
     with pytest.raises(ConfigError, match=r"video of shape \(4, 3, 4, 30, 30\).*\(B, 3, 4, 32, 32\).*tubelet 2x8x8"):
         model(F.interpolate(clips(), size=(4, 30, 30)))
+
+
+def test_starting_encoder_depends_on_the_seed_only():
+    """E2E and BWSSL runs with one seed start from the same encoder, whatever the partition or decoders."""
+    from bwssl_core.features import encoder_hash
+
+    hashes = set()
+    for kw in (dict(), dict(blocks=2), dict(blocks=4, dec_shared=True), dict(blocks=2, dec_depth=2)):
+        torch.manual_seed(3)
+        hashes.add(encoder_hash(VideoMAE(model_config("tiny", **kw))))
+    torch.manual_seed(4)
+    other = encoder_hash(VideoMAE(model_config("tiny")))
+    assert len(hashes) == 1 and other not in hashes

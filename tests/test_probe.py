@@ -111,3 +111,44 @@ def test_feature_cache_reuses_and_keys_by_content(tmp_path):
     assert calls == [1] and torch.equal(first["x"], again["x"]) and (tmp_path / f"{key}.json").exists()
     clips[0, 0] = 99  # other clips, another key
     assert key_of("trained", clips=tensor_hash(clips)) != key
+
+
+def test_one_pass_gives_pooled_and_token_features_and_bf16_stays_close(tiny):
+    from bwssl_core.config import ConfigError
+    from bwssl_core.model import VideoMAE
+    from bwssl_core.probe import feature_precision, layer_features
+
+    model = VideoMAE(tiny())
+    clips = torch.randint(0, 256, (5, 3, 4, 32, 32), dtype=torch.uint8)
+    pooled, tokens = layer_features(model, clips, ("mean", "slices"), batch_size=2, token_layers=[-1, 0],
+                                    precision="fp32")
+    assert pooled["mean"].shape == (4, 5, 32) and pooled["slices"].shape == (4, 5, 64)
+    assert tokens.shape == (2, 5, 32, 32) and tokens.dtype == torch.float16
+    torch.testing.assert_close(tokens[0].float().mean(1), pooled["mean"][-1], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(tokens[1].float().mean(1), pooled["mean"][0], atol=2e-3, rtol=2e-3)
+    assert layer_features(model, clips, ("mean",), precision="fp32")[1] is None
+    half, _ = layer_features(model, clips, ("mean",), precision="bf16")
+    cos = torch.nn.functional.cosine_similarity(half["mean"], pooled["mean"], dim=-1)
+    assert cos.min() > 0.99 and not torch.equal(half["mean"], pooled["mean"])
+    assert feature_precision("cpu", "fp32") == "fp32" and feature_precision("cpu") in ("bf16", "fp32")
+    with pytest.raises(ConfigError, match="precision='half'"):
+        feature_precision("cpu", "half")
+
+
+def test_depthwise_shares_the_random_init_control_across_partitions(tmp_path, tiny):
+    from bwssl_core.evaluate import depthwise
+    from bwssl_core.model import VideoMAE
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 256, (n, 3, 4, 32, 32), dtype=torch.uint8, generator=g),
+             {"a": torch.arange(n) % 2}) for n in (24, 12)]
+    kw = dict(poolings=("mean",), ks=(1, 5), cache=tmp_path, attentive_layers=[-1], precision="fp32")
+    e2e, k2 = VideoMAE(tiny()), VideoMAE(tiny(blocks=2))
+    with torch.no_grad():
+        k2.layers[0].mlp.fc2.bias.add_(0.5)  # a "trained" BWSSL encoder that differs from E2E's
+    first = depthwise(e2e, *data, **kw)
+    assert len(list(tmp_path.glob("*.pt"))) == 6  # features and probes of trained, random init, pixels
+    second = depthwise(k2, *data, **kw)
+    assert len(list(tmp_path.glob("*.pt"))) == 8  # only the BWSSL run's own features and probes are new
+    assert second["random_init"] == first["random_init"] and second["pixels"] == first["pixels"]
+    assert second["trained"] != first["trained"] and len(first["trained"]["attentive"]["a"]["acc"]) == 1

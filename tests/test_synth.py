@@ -1,10 +1,12 @@
 """The embedded default data set: deterministic, balanced, decodable, and it needs time."""
 import decord
+import pytest
 import torch
 from torch import nn
 
 from bwssl_core.cli import main
-from bwssl_core.synth import FAMILIES, SynthConfig, render, sample_factors, split_factors, synth_batch
+from bwssl_core.config import ConfigError
+from bwssl_core.synth import FAMILIES, SynthConfig, ensure_dataset, render, sample_factors, split_factors, synth_batch
 
 
 def test_deterministic_per_seed_and_balanced():
@@ -61,6 +63,11 @@ def test_written_mp4s_decode_to_the_generated_frames(tmp_path):
         err = (frames.float() - clips[i].float()).abs()
         assert frames.shape == (8, 32, 32, 3) and err.mean() < 2 and err.max() < 64, (err.mean(), err.max())
     assert main(["synth", "--out", str(tmp_path), "--n-train", "8", "--n-val", "4"]) == 2  # no silent overwrite
+    before = (tmp_path / "train.csv").stat().st_mtime_ns
+    assert ensure_dataset(tmp_path, 8, 4, cfg) == tmp_path  # the same settings: taken as it is
+    with pytest.raises(ConfigError, match=r"other settings \(n_train: 8 there, 9 asked"):
+        ensure_dataset(tmp_path, 9, 4, cfg)  # never silently a set made for other parameters
+    assert (tmp_path / "train.csv").stat().st_mtime_ns == before
 
 
 def test_a_size_decord_cannot_read_back_is_refused(tmp_path, capsys):

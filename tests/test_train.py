@@ -29,7 +29,9 @@ def _assert_same(a, b, exact=True):
         if exact:
             assert torch.equal(a[k], b[k]), k
         else:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+            # Adam divides by sqrt(v): round-off in a near-zero gradient moves a weight by a small
+            # fraction of one step (lr ~8e-4 here); 1e-5 is about 1% of a step, so a real difference fails
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("blocks", [1, 2])

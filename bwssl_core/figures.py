@@ -1,0 +1,119 @@
+"""Study figures and tables (plotly), shared by the notebooks and the HTML report.
+
+Inputs are the JSON-ready results of the library: metrics.jsonl rows (train.py), depthwise probe
+results (evaluate.py: {model: {pooling: {family: {metric: [per layer]}}}}) and analyze() output.
+"""
+from __future__ import annotations
+
+import html
+
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+CONTROLS = {"random_init": "random init", "pixels": "raw pixels"}
+COLOURS = qualitative.Plotly
+
+
+def loss_figure(runs: dict[str, list[dict]]) -> go.Figure:
+    """Each block's training loss against step, one panel per run."""
+    fig = make_subplots(rows=1, cols=len(runs), subplot_titles=list(runs), shared_yaxes=True)
+    for col, (name, rows) in enumerate(runs.items(), start=1):
+        steps = [r["step"] for r in rows]
+        for k in range(len(rows[0]["loss"]) if rows else 0):
+            fig.add_scatter(x=steps, y=[r["loss"][k] for r in rows], name=f"block {k}", mode="lines",
+                            line_color=COLOURS[k % len(COLOURS)], showlegend=col == 1, legendgroup=str(k),
+                            row=1, col=col)
+        fig.update_xaxes(title_text="step", row=1, col=col)
+    fig.update_yaxes(title_text="masked reconstruction loss", row=1, col=1)
+    fig.update_layout(title="Pretraining loss of each block", height=380)
+    return fig
+
+
+def probe_figure(probe: dict[str, dict], pooling: str = "mean", metric: str = "acc") -> go.Figure:
+    """Per label family, `metric` against layer for every run, with the controls (random init of the
+    first run's architecture as a dashed line over depth, raw pixels as a dotted level)."""
+    first = next(iter(probe.values()))
+    families = list(first["trained"][pooling])
+    fig = make_subplots(rows=1, cols=len(families), subplot_titles=families, shared_yaxes=True)
+    for col, fam in enumerate(families, start=1):
+        for i, (name, res) in enumerate(probe.items()):
+            y = res["trained"][pooling][fam][metric]
+            fig.add_scatter(x=list(range(1, len(y) + 1)), y=y, name=name, mode="lines+markers", legendgroup=name,
+                            line_color=COLOURS[i % len(COLOURS)], showlegend=col == 1, row=1, col=col)
+        rnd = first["random_init"][pooling][fam][metric]
+        fig.add_scatter(x=list(range(1, len(rnd) + 1)), y=rnd, name=CONTROLS["random_init"], mode="lines",
+                        line=dict(color="grey", dash="dash"), legendgroup="r", showlegend=col == 1, row=1, col=col)
+        pix = first["pixels"][pooling][fam][metric][0]
+        fig.add_scatter(x=[1, len(rnd)], y=[pix, pix], name=CONTROLS["pixels"], mode="lines",
+                        line=dict(color="black", dash="dot"), legendgroup="p", showlegend=col == 1, row=1, col=col)
+        fig.update_xaxes(title_text="layer", row=1, col=col)
+    fig.update_yaxes(title_text="top-1" if metric == "acc" else metric, row=1, col=1)
+    fig.update_layout(title=f"Depth-wise {'linear probe' if metric == 'acc' else metric}, {pooling} pooling",
+                      height=360)
+    return fig
+
+
+def cka_figure(matrix: list[list[float]], title: str, rows: str = "layer", cols: str = "layer") -> go.Figure:
+    n, m = len(matrix), len(matrix[0])
+    fig = go.Figure(go.Heatmap(z=matrix, x=list(range(1, m + 1)), y=list(range(1, n + 1)), zmin=0, zmax=1,
+                               colorscale="Viridis", colorbar_title="CKA"))
+    fig.update_layout(title=title, xaxis_title=cols, yaxis_title=rows, height=360, width=420)
+    return fig
+
+
+def change_figure(analysis: dict[str, dict]) -> go.Figure:
+    """How much each layer changes its input, and how well it keeps the geometry, per run."""
+    keys = [("token_relative_change", "relative change (tokens)"), ("consecutive_cka", "CKA with the layer before"),
+            ("knn_overlap", "kNN overlap with the layer before"), ("effective_rank", "effective rank")]
+    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[t for _, t in keys])
+    for col, (key, _) in enumerate(keys, start=1):
+        for i, (name, res) in enumerate(analysis.items()):
+            y = res[key]
+            start = 1 if key == "effective_rank" else 2  # the change metrics compare layer l with l - 1
+            fig.add_scatter(x=list(range(start, start + len(y))), y=y, name=name, mode="lines+markers",
+                            line_color=COLOURS[i % len(COLOURS)], legendgroup=name, showlegend=col == 1, row=1, col=col)
+        fig.update_xaxes(title_text="layer", row=1, col=col)
+    fig.update_layout(title="Representational change across depth", height=360)
+    return fig
+
+
+def final_table(probe: dict[str, dict], pooling: str = "mean", reference: str = "e2e") -> list[dict]:
+    """The paper's table: linear probe and R@1 at the last layer per run and family, the gap to the
+    reference (E2E) run, and the two controls of the reference's architecture."""
+    ref = probe.get(reference) or next(iter(probe.values()))
+    rows = []
+    for fam in ref["trained"][pooling]:
+        base = ref["trained"][pooling][fam]
+        models = [(name, res["trained"]) for name, res in probe.items()]
+        models += [(label, ref[key]) for key, label in CONTROLS.items()]
+        for name, res in models:
+            r = res[pooling][fam]
+            rows.append({"family": fam, "model": name, "linear": r["acc"][-1], "R@1": r["R@1"][-1],
+                         "gap_linear": r["acc"][-1] - base["acc"][-1], "gap_R@1": r["R@1"][-1] - base["R@1"][-1]})
+    return rows
+
+
+def best_gain(probe_results: dict) -> dict:
+    """The best layer's margin of a run over its random-init control: the largest over families and
+    poolings, with where it is."""
+    best = None
+    for pool, fams in probe_results["trained"].items():
+        for fam, r in fams.items():
+            gain = max(r["acc"]) - max(probe_results["random_init"][pool][fam]["acc"])
+            if best is None or gain > best["gain"]:
+                best = {"gain": gain, "family": fam, "pooling": pool, "trained": max(r["acc"]),
+                        "random_init": max(probe_results["random_init"][pool][fam]["acc"])}
+    return best
+
+
+def html_table(rows: list[dict], digits: int = 3) -> str:
+    """A plain HTML table of dict rows (floats rounded)."""
+    if not rows:
+        return "<p>(no rows)</p>"
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:+.{digits}f}" if isinstance(v, float) and v < 0 else (  # noqa: E731
+        f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v)))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(r[c])}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table class='results'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -1,0 +1,66 @@
+"""The study's HTML report: key figures and tables from the notebooks' results, one self-contained
+file (plotly.js inlined once, so it opens offline)."""
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+from . import figures
+from .io import RunError, save_text
+from .study import NOTEBOOK_ORDER, metrics, results_path, run_dir
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table.results{border-collapse:collapse;margin:1em 0}table.results td,table.results th{border:1px solid #ccc;
+padding:3px 8px;text-align:right}table.results th{background:#f3f3f3}h2{border-bottom:1px solid #ddd}"""
+
+
+def _load(study: Path, name: str) -> dict | None:
+    path = results_path(study, name)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_report(study: str | Path) -> Path:
+    """study/report.html from whatever results the study has; the final table is required."""
+    study = Path(study)
+    probe = _load(study, "02_probe")
+    if probe is None:
+        raise RunError(f"{results_path(study, '02_probe')}: no probe results, so no final table to report")
+    parts, first = [], [True]
+
+    def fig(f):
+        parts.append(f.to_html(full_html=False, include_plotlyjs=first[0]))
+        first[0] = False
+
+    params = json.loads((study / "study.json").read_text()) if (study / "study.json").exists() else {}
+    parts.append(f"<h1>BWSSL study: {html.escape(study.name)}</h1><p>Written {time.strftime('%Y-%m-%d %H:%M')}. "
+                 f"Parameters: <code>{html.escape(json.dumps(params.get('params', {})))}</code></p>")
+    parts.append("<p>Executed notebooks: " + ", ".join(
+        f"<a href='{n}.ipynb'>{n}</a>" for n in NOTEBOOK_ORDER if (study / f"{n}.ipynb").exists()) + "</p>")
+    pre = _load(study, "01_pretrain")
+    if pre:
+        parts.append("<h2>Pretraining</h2>" + figures.html_table(
+            [{"run": n, **{k: v for k, v in r.items() if k != "loss"}, "final loss": " ".join(f"{x:.3f}" for x in r["loss"])}
+             for n, r in pre["runs"].items()]))
+        fig(figures.loss_figure({n: metrics(run_dir(study, n)) for n in pre["runs"]}))
+    parts.append("<h2>Final table</h2><p>Linear probe and retrieval (R@1) at the last layer, mean pooling "
+                 "(the paper's standard), with the gap to E2E; controls: the same architecture at random "
+                 "initialisation, and raw pixels.</p>" + figures.html_table(probe["table"]))
+    parts.append("<h3>Learning: best layer against random init</h3>" + figures.html_table(
+        [{"run": n, **g} for n, g in probe["best_gain"].items()]))
+    for pooling in probe["poolings"]:
+        fig(figures.probe_figure(probe["probe"], pooling))
+    fig(figures.probe_figure(probe["probe"], "mean", "R@1"))
+    if probe.get("analysis"):
+        fig(figures.change_figure(probe["analysis"]))
+        for name, a in probe["analysis"].items():
+            if "cka_across" in a:
+                fig(figures.cka_figure(a["cka_across"], f"CKA across: {name} (rows) vs {probe['reference']}",
+                                       rows=f"{name} layer", cols=f"{probe['reference']} layer"))
+    sweep = _load(study, "04_sweep")
+    if sweep:
+        parts.append("<h2>Sweep</h2>" + figures.html_table(sweep["rows"]))
+    save_text(study / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>BWSSL study</title>"
+                                     f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    return study / "report.html"

@@ -1,0 +1,125 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %%
+
+# %% [markdown]
+# # 02 Depth-wise probing: what each layer of E2E and BWSSL encoders makes decodable
+#
+# For every run of the study and every encoder layer: a linear probe (multinomial logistic
+# regression, l2 chosen on a held-out part of the training split) and retrieval (validation clips
+# query the training gallery, R@k) for every label family, under three poolings of the tokens; a
+# token-level attentive probe on chosen layers; CKA within and across runs; how much each layer
+# changes its input. Every curve has its controls: the same architecture at random initialisation
+# and raw pixels. Features and probe results are cached under `<study>/features/` by content.
+
+# %%
+import time
+
+import plotly.io as pio
+
+from bwssl_core import notebook, viz
+from bwssl_core.analyze import analyze
+from bwssl_core.evaluate import depthwise, load_split
+from bwssl_core.figures import best_gain, change_figure, cka_figure, final_table, html_table, probe_figure
+from bwssl_core.io import save_json
+from bwssl_core.study import results_path, run_dir
+from bwssl_core.train import default_device, load_run
+from IPython.display import HTML, display
+
+# %% tags=["parameters"]
+study = "runs/study-demo"  # the study folder: runs/<name>/ inside
+data = "data/synth"  # data folder with train.csv, val.csv (and metadata.csv: every label family)
+runs = ["e2e", "bwssl-k2"]  # run names under <study>/runs/
+reference = "e2e"  # the run the final table's gaps are measured against
+families = []  # label families to probe; empty: all the data has
+poolings = ["mean", "slices", "grid"]  # mean (the paper's standard), temporal slices, space-time grid
+attentive_layers = [-1]  # layers for the token-level attentive probe; empty: none
+attentive_families = ["motion"]  # families for the attentive probe; empty: all
+cka_batch = 50  # clips per minibatch-CKA batch
+device = "auto"  # "auto": the local GPU if any, else the CPU
+
+# %%
+P = notebook.parameters(globals(), "02_probe")
+pio.renderers.default = viz.static_renderer()
+dev = default_device() if device == "auto" else device
+models = {name: load_run(run_dir(study, name), dev) for name in runs}
+cfg = models[runs[0]][0].cfg
+train = load_split(data, "train", cfg)
+val = load_split(data, "val", cfg)
+print("train", tuple(train[0].shape), "validation", tuple(val[0].shape), "families", list(train[1]))
+
+# %% [markdown]
+# ## Linear probe and retrieval, layer by layer
+
+# %%
+probe, seconds = {}, {}
+for name, (model, config) in models.items():
+    tic = time.perf_counter()
+    probe[name] = depthwise(model, train, val, families or None, poolings, seed=config["train"]["seed"], device=dev,
+                            cache=f"{study}/features", attentive_layers=attentive_layers,
+                            attentive_families=attentive_families or None,
+                            meta={"run": name, "config": config, "data": data})
+    seconds[name] = time.perf_counter() - tic
+    print(f"{name}: {seconds[name]:.1f} s")
+
+# %%
+for pooling in poolings:
+    probe_figure(probe, pooling).show()
+probe_figure(probe, "mean", "R@1").show()
+
+# %% [markdown]
+# ## Token-level (attentive) probe
+# Pooled metrics can miss what tokens carry about where and when.
+
+# %%
+attentive = [{"run": name, "model": m, "family": fam, "layers": str(r["layers"]), "acc": r["acc"][-1]}
+             for name, res in probe.items() for m in ("trained", "random_init", "pixels")
+             for fam, r in res[m].get("attentive", {}).items()]
+display(HTML(html_table(attentive)))
+
+# %% [markdown]
+# ## Similarity and change across depth
+# Minibatch CKA (unbiased HSIC) of mean-pooled features between layers, within each run and
+# against the reference run; relative change, CKA and kNN overlap between consecutive layers.
+
+# %%
+ref_model = models[reference][0] if reference in models else None
+analysis = {}
+for name, (model, _) in models.items():
+    other = ref_model if name != reference else None
+    analysis[name] = analyze(model, val[0], other, batch_size=cka_batch, device=dev)
+    cka_figure(analysis[name]["cka_within"], f"CKA within {name}").show()
+    if other is not None:
+        cka_figure(analysis[name]["cka_across"], f"CKA across: {name} (rows) vs {reference} (columns)",
+                   rows=f"{name} layer", cols=f"{reference} layer").show()
+change_figure(analysis).show()
+
+# %% [markdown]
+# ## The final table
+# Linear probe and R@1 at the last layer, mean pooling, with the gap to the reference run.
+
+# %%
+table = final_table(probe, "mean", reference)
+gains = {name: best_gain(res) for name, res in probe.items()}
+display(HTML(html_table(table)))
+display(HTML(html_table([{"run": n, **g} for n, g in gains.items()])))
+
+# %%
+for a in analysis.values():
+    a.pop("attention", None)  # per-head attention metrics are the patch notebook's business
+save_json(results_path(study, "02_probe"), {"notebook": "02_probe", "parameters": P, "poolings": poolings,
+                                            "reference": reference, "probe": probe, "analysis": analysis,
+                                            "table": table, "best_gain": gains, "seconds": seconds})

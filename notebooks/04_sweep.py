@@ -1,0 +1,109 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %%
+
+# %% [markdown]
+# # 04 Sweep: model sizes and partition granularities
+#
+# Each point (preset, K blocks) is a Papermill run of notebooks 01 and 02 with its own parameters,
+# in `<study>/sweep/<preset>/`; training parameters are those of the study's notebook 01. Runs the
+# main study already trained with the same parameters are linked in, not trained again, and a preset
+# whose runs notebook 02 has all probed takes its results as they are. The points' final tables are
+# gathered into one table and plot.
+
+# %%
+import json
+
+import plotly.graph_objects as go
+import plotly.io as pio
+
+from bwssl_core import notebook, viz
+from bwssl_core.figures import html_table
+from bwssl_core.io import save_json
+from bwssl_core.study import main_probe, point_folder, results_path, run_dir, run_name, run_notebook, sweep_points
+from IPython.display import HTML, display
+
+# %% tags=["parameters"]
+study = "runs/study-demo"  # the study folder; notebook 01 must have run there (its parameters are reused)
+points = ["cpu:1", "cpu:2", "tiny:1", "tiny:2", "tiny:4"]  # "preset:K", K blocks (1 is E2E)
+poolings = ["mean", "slices"]  # poolings probed at each point the main study (notebook 02) has not probed
+families = []  # label families; empty: all
+cka_batch = 50  # clips per minibatch-CKA batch
+device = "auto"
+
+# %%
+P = notebook.parameters(globals(), "04_sweep")
+pio.renderers.default = viz.static_renderer()
+main = json.loads(results_path(study, "01_pretrain").read_text())["parameters"]
+by_preset = sweep_points(points)
+print("points", by_preset, "training parameters from notebook 01:", main)
+
+# %% [markdown]
+# ## Run every point
+
+# %%
+train_keys = ("data", "n_train", "n_val", "synth_size", "steps", "batch_size", "lr", "warmup_steps", "plain_target",
+              "mask_ratio", "seed")
+results = {}  # preset -> its 02_probe results
+for preset, ks in by_preset.items():
+    names = [run_name(k) for k in sorted(ks)]
+    results[preset] = main_probe(study, names) if preset == main["preset"] else None
+    if results[preset] is not None:
+        print(preset, "probed in the main study:", names)
+        continue
+    reuse = [n for n in names if preset == main["preset"] and run_dir(study, n).exists()]
+    folder = point_folder(study, preset, reuse)
+    run_notebook("01_pretrain", folder / "01_pretrain.ipynb",
+                 {**{k: main[k] for k in train_keys}, "study": str(folder), "preset": preset, "blocks": sorted(ks),
+                  "device": device, "recon_clips": 0}, failure=folder / "FAILED.json")
+    run_notebook("02_probe", folder / "02_probe.ipynb",
+                 {"study": str(folder), "data": main["data"], "runs": names, "reference": names[0],
+                  "families": families, "poolings": poolings, "attentive_layers": [], "cka_batch": cka_batch,
+                  "device": device},
+                 failure=folder / "FAILED.json")
+    results[preset] = results_path(folder, "02_probe")
+    print(preset, "done:", names)
+
+# %% [markdown]
+# ## Gathered: last-layer linear probe (mean pooling) by preset and K
+
+# %%
+rows = []
+for preset, ks in by_preset.items():
+    res = json.loads(results[preset].read_text())
+    kind = {run_name(k): k for k in ks}
+    for r in res["table"]:
+        if r["model"] in kind:
+            rows.append({"preset": preset, "blocks": kind[r["model"]], "family": r["family"], "linear": r["linear"],
+                         "R@1": r["R@1"], "best_gain": res["best_gain"][r["model"]]["gain"]})
+        elif r["model"] == "random init":
+            rows.append({"preset": preset, "blocks": 0, "family": r["family"], "linear": r["linear"],
+                         "R@1": r["R@1"], "best_gain": 0.0})
+display(HTML(html_table(rows)))
+
+# %%
+fig = go.Figure()
+for preset in by_preset:
+    for fam in sorted({r["family"] for r in rows}):
+        pts = sorted((r["blocks"], r["linear"]) for r in rows if r["preset"] == preset and r["family"] == fam
+                     and r["blocks"] > 0)
+        fig.add_scatter(x=[k for k, _ in pts], y=[a for _, a in pts], mode="lines+markers", name=f"{preset} {fam}")
+fig.update_layout(title="Last-layer linear probe (mean pooling) against the number of blocks K",
+                  xaxis_title="K (1 = E2E)", yaxis_title="top-1", xaxis_type="log")
+fig.show()
+
+# %%
+save_json(results_path(study, "04_sweep"), {"notebook": "04_sweep", "parameters": P, "rows": rows})

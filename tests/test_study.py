@@ -1,0 +1,86 @@
+"""The study pipeline: notebooks executed by Papermill, failures named, reruns that continue."""
+import json
+
+import jupytext
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from bwssl_core import ConfigError
+from bwssl_core.cli import main
+from bwssl_core.io import RunError
+from bwssl_core.notebook import NOTEBOOKS, check, defaults
+from bwssl_core.io import save_json
+from bwssl_core.study import NOTEBOOK_ORDER, SMOKE, main_probe, results_path, run_study
+
+
+def test_every_notebook_is_paired_and_in_sync():
+    for py in sorted(NOTEBOOKS.glob("[0-9]*.py")):
+        ipynb = py.with_suffix(".ipynb")
+        assert ipynb.exists(), f"{ipynb} missing: run `jupytext --sync {py}`"
+        a, b = jupytext.read(py), jupytext.read(ipynb)
+        assert [(c.cell_type, c.source) for c in a.cells] == [(c.cell_type, c.source) for c in b.cells], py
+        assert all(not c.get("outputs") for c in b.cells), f"{ipynb} holds outputs"
+        assert "parameters" in b.cells[[c.source for c in b.cells].index(
+            next(c.source for c in a.cells if "parameters" in c.metadata.get("tags", [])))].metadata["tags"]
+
+
+def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
+    out, data = tmp_path / "study", tmp_path / "data"
+    params = {**SMOKE, "data": str(data), "points": ["tiny:1", "tiny:4"]}
+    with pytest.raises(RunError, match="notebook 02_probe failed in cell"):
+        run_study(out, {**params, "families": ["texture"]})
+    failed = json.loads((out / "FAILED.json").read_text())
+    assert failed["notebook"] == "02_probe" and "texture" in failed["message"] and failed["cell"] > 0
+    assert results_path(out, "01_pretrain").exists() and not results_path(out, "02_probe").exists()
+    trained = (out / "runs" / "e2e" / "checkpoint.pt").stat().st_mtime_ns
+    first = (out / "01_pretrain.ipynb").stat().st_mtime_ns
+    with pytest.raises(RunError, match="already holds a study"):
+        run_study(out, params)  # never silently over a study
+    assert main(["study", "--smoke", "--resume", "--out", str(out), "-p", "data", str(data),
+                 "-p", "points", "['tiny:1', 'tiny:4']"]) == 0
+    assert (out / "01_pretrain.ipynb").stat().st_mtime_ns == first  # finished: not run again
+    assert (out / "runs" / "e2e" / "checkpoint.pt").stat().st_mtime_ns == trained
+    assert not (out / "FAILED.json").exists()
+    for name in NOTEBOOK_ORDER:
+        assert results_path(out, name).exists() and (out / f"{name}.ipynb").exists(), name
+    probe = json.loads(results_path(out, "02_probe").read_text())
+    report = (out / "report.html").read_text()
+    assert "Final table" in report and "bwssl-k2" in report and "random init" in report
+    assert {r["model"] for r in probe["table"]} == {"e2e", "bwssl-k2", "random init", "raw pixels"}
+    assert set(probe["best_gain"]) == {"e2e", "bwssl-k2"}
+    sweep = json.loads(results_path(out, "04_sweep").read_text())["rows"]
+    assert {r["blocks"] for r in sweep} == {0, 1, 4}  # the points' runs and their random-init control
+    assert (out / "sweep" / "tiny" / "runs" / "e2e").is_symlink()  # the main study's run, not trained again
+    assert (out / "sweep" / "tiny" / "runs" / "bwssl-k4" / "checkpoint.pt").exists()
+
+
+def test_sweep_takes_the_main_probe_only_when_it_covers_every_run(tmp_path):
+    assert main_probe(tmp_path, ["e2e"]) is None  # nothing probed yet
+    save_json(results_path(tmp_path, "02_probe"), {"parameters": {"runs": ["e2e", "bwssl-k2"]}})
+    assert main_probe(tmp_path, ["e2e", "bwssl-k2"]) == results_path(tmp_path, "02_probe")
+    assert main_probe(tmp_path, ["e2e", "bwssl-k4"]) is None
+
+
+def test_bad_study_parameters_stop_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="unknown study parameter.*stepz"):
+        run_study(tmp_path / "s", {"stepz": 3})
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ConfigError, match="parameter steps='many' is a str, expected int"):
+        check({"steps": "many"}, "01_pretrain")
+    with pytest.raises(ConfigError, match="parameter blocks=.* expected list"):
+        check({"blocks": 2}, "01_pretrain")
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(sorted({k for n in NOTEBOOK_ORDER for k in defaults(n)}) + ["bogus", "Steps"]),
+       value=st.one_of(st.none(), st.booleans(), st.integers(-5, 10 ** 6), st.floats(allow_nan=True),
+                       st.text(max_size=8), st.lists(st.integers(-3, 5), max_size=3),
+                       st.lists(st.text(max_size=4), max_size=3)))
+def test_any_notebook_parameter_is_taken_or_refused_by_name(name, value):
+    for notebook in NOTEBOOK_ORDER:
+        try:
+            merged = check({name: value}, notebook)
+        except ConfigError as err:
+            assert name in str(err)
+        else:
+            assert merged[name] == value
