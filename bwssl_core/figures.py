@@ -22,9 +22,11 @@ def loss_figure(runs: dict[str, list[dict]]) -> go.Figure:
         steps = [r["step"] for r in rows]
         for k in range(len(rows[0]["loss"]) if rows else 0):
             fig.add_scatter(x=steps, y=[r["loss"][k] for r in rows], name=f"block {k}", mode="lines",
-                            line_color=COLOURS[k % len(COLOURS)], showlegend=col == 1, legendgroup=str(k),
+                            line_color=COLOURS[k % len(COLOURS)], legendgroup=str(k),
+                            showlegend=all(len(r[0]["loss"]) <= k for r in list(runs.values())[:col - 1] if r),
                             row=1, col=col)
         fig.update_xaxes(title_text="step", row=1, col=col)
+    fig.update_yaxes(type="log")  # the loss falls by 30x in the first hundred steps
     fig.update_yaxes(title_text="masked reconstruction loss", row=1, col=1)
     fig.update_layout(title="Pretraining loss of each block", height=380)
     return fig

@@ -35,13 +35,16 @@ def write_report(study: str | Path) -> Path:
 
     params = json.loads((study / "study.json").read_text()) if (study / "study.json").exists() else {}
     parts.append(f"<h1>BWSSL study: {html.escape(study.name)}</h1><p>Written {time.strftime('%Y-%m-%d %H:%M')}. "
-                 f"Parameters: <code>{html.escape(json.dumps(params.get('params', {})))}</code></p>")
+                 f"Parameters: <code>{html.escape(json.dumps(params.get('params', {})))}</code> over the notebooks' defaults "
+                 "(each executed notebook shows all of its parameters)</p>")
     parts.append("<p>Executed notebooks: " + ", ".join(
         f"<a href='{n}.ipynb'>{n}</a>" for n in NOTEBOOK_ORDER if (study / f"{n}.ipynb").exists()) + "</p>")
     pre = _load(study, "01_pretrain")
     if pre:
         parts.append("<h2>Pretraining</h2>" + figures.html_table(
-            [{"run": n, **{k: v for k, v in r.items() if k != "loss"}, "final loss": " ".join(f"{x:.3f}" for x in r["loss"])}
+            [{"run": n, **{k: v for k, v in r.items() if k not in ("loss", "recon_error")},
+              "final loss per block": " ".join(f"{x:.4g}" for x in r["loss"]),
+              "reconstruction error per block": " ".join(f"{x:.4g}" for x in r["recon_error"][0]) if r.get("recon_error") else ""}
              for n, r in pre["runs"].items()]))
         fig(figures.loss_figure({n: metrics(run_dir(study, n)) for n in pre["runs"]}))
     parts.append("<h2>Final table</h2><p>Linear probe and retrieval (R@1) at the last layer, mean pooling "
