@@ -40,6 +40,16 @@ GPU = {"data": "data/synth-112", "n_train": 10000, "n_val": 2000, "synth_size": 
        "batch_size": 64, "warmup_steps": 300, "lr": 1.5e-3, "blocks": [1, 2, 4], "points": ["gpu:1", "gpu:2", "gpu:4"]}
 
 
+def scale_params(scale: str, cuda: bool) -> dict:
+    """The parameters a study scale sets over the notebooks' defaults (the cpu scale)."""
+    scales = {"cpu": {}, "gpu": GPU, "smoke": SMOKE}
+    if scale == "auto":
+        scale = "gpu" if cuda else "cpu"
+    if scale not in scales:
+        raise ConfigError(f"scale={scale!r}: expected auto, {', '.join(scales)}")
+    return dict(scales[scale])
+
+
 # -- training runs ---------------------------------------------------------------------------------
 def train_run(out: str | Path, model_cfg, train_cfg, clips: torch.Tensor, device: str, extra: dict | None = None) -> dict:
     """Pretrain on uint8 clips (N, C, T, H, W) held in memory, shuffled per epoch. Safe to rerun: a

@@ -84,3 +84,18 @@ def test_any_notebook_parameter_is_taken_or_refused_by_name(name, value):
             assert name in str(err)
         else:
             assert merged[name] == value
+
+
+def test_each_scale_is_a_valid_parameter_set():
+    from bwssl_core.study import GPU, scale_params
+
+    assert scale_params("auto", cuda=True) == GPU and scale_params("auto", cuda=False) == {}
+    assert scale_params("smoke", cuda=True) == SMOKE
+    for scale in ("cpu", "gpu", "smoke"):
+        params = scale_params(scale, cuda=False)
+        for name in NOTEBOOK_ORDER:  # every name is some notebook's, with that notebook's type
+            taken = {k: v for k, v in params.items() if k in defaults(name)}
+            assert check(taken, name) is not None
+        assert set(params) <= {k for n in NOTEBOOK_ORDER for k in defaults(n)}, scale
+    with pytest.raises(ConfigError, match="scale='huge'"):
+        scale_params("huge", cuda=False)
