@@ -27,7 +27,8 @@ def pooled_layers(model: VideoMAE, clips: torch.Tensor, batch_size: int, device)
 def analyze(model: VideoMAE, clips: torch.Tensor, other: VideoMAE | None = None, batch_size: int = 50,
             attention_clips: int = 8, knn: int = 10, device="cpu") -> dict:
     """CKA across layers (minibatch, over fixed batches of `batch_size` clips; a short last batch is
-    left out of CKA only), change between consecutive layers, effective rank and attention metrics.
+    left out of CKA only), change between consecutive layers, effective rank and attention metrics
+    over the first `attention_clips` clips (none when 0).
     clips: uint8 (N, C, T, H, W). With `other`, also the CKA matrix between the two models' layers."""
     usable = len(clips) // batch_size * batch_size
     if usable < batch_size:
@@ -48,6 +49,6 @@ def analyze(model: VideoMAE, clips: torch.Tensor, other: VideoMAE | None = None,
             across.update([p[i:i + batch_size] for p in pooled], [p[i:i + batch_size] for p in other_pooled])
         out["cka_across"] = across.compute().tolist()
         out["other_token_relative_change"] = other_change
-    video = normalize_video(clips[:attention_clips].to(device))
-    out["attention"] = layer_summary(model.to(device), video)
+    if attention_clips:  # 0: callers that draw attention elsewhere skip it
+        out["attention"] = layer_summary(model.to(device), normalize_video(clips[:attention_clips].to(device)))
     return out

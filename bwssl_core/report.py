@@ -27,11 +27,12 @@ def write_report(study: str | Path) -> Path:
     probe = _load(study, "02_probe")
     if probe is None:
         raise RunError(f"{results_path(study, '02_probe')}: no probe results, so no final table to report")
-    parts, first = [], [True]
+    parts, first = [], True
 
-    def fig(f):
-        parts.append(f.to_html(full_html=False, include_plotlyjs=first[0]))
-        first[0] = False
+    def fig(f):  # plotly.js inlined with the first figure only
+        nonlocal first
+        parts.append(f.to_html(full_html=False, include_plotlyjs=first))
+        first = False
 
     params = json.loads((study / "study.json").read_text()) if (study / "study.json").exists() else {}
     parts.append(f"<h1>BWSSL study: {html.escape(study.name)}</h1><p>Written {time.strftime('%Y-%m-%d %H:%M')}. "

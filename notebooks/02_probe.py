@@ -100,7 +100,7 @@ ref_model = models[reference][0] if reference in models else None
 analysis = {}
 for name, (model, _) in models.items():
     other = ref_model if name != reference else None
-    analysis[name] = analyze(model, val[0], other, batch_size=cka_batch, device=dev)
+    analysis[name] = analyze(model, val[0], other, batch_size=cka_batch, attention_clips=0, device=dev)  # attention: 03
     cka_figure(analysis[name]["cka_within"], f"CKA within {name}").show()
     if other is not None:
         cka_figure(analysis[name]["cka_across"], f"CKA across: {name} (rows) vs {reference} (columns)",
@@ -118,8 +118,6 @@ display(HTML(html_table(table)))
 display(HTML(html_table([{"run": n, **g} for n, g in gains.items()])))
 
 # %%
-for a in analysis.values():
-    a.pop("attention", None)  # per-head attention metrics are the patch notebook's business
 save_json(results_path(study, "02_probe"), {"notebook": "02_probe", "parameters": P, "poolings": poolings,
                                             "reference": reference, "probe": probe, "analysis": analysis,
                                             "table": table, "best_gain": gains, "seconds": seconds})
