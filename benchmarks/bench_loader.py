@@ -2,7 +2,8 @@
 
 (a) VideoClips (decord decode + CPU train_transform) through a DataLoader with N workers,
 (b) CachedClips (memory-mapped frames + CPU train_transform) through a DataLoader,
-(c) CachedClips without transform (uint8 batch reads) + gpu_augment on the available device.
+(c) CachedClips without transform (uint8 batch reads) + gpu_augment on the available device,
+(d) prefetch.CacheBatches: N threads copy clips into a reused (pinned) buffer, + gpu_augment.
 Makes a set of H.264 clips with PyAV unless --list is given. Prints a table and writes JSON.
 
     python benchmarks/bench_loader.py --out runs/bench_loader.json --videos 200 --frames 16 --size 64
@@ -16,6 +17,7 @@ import os
 import platform
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import av
@@ -24,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bwssl_core.cache import CachedClips, build_cache, gpu_augment
+from bwssl_core.prefetch import CacheBatches
 from bwssl_core.io import save_json
 from bwssl_core.video import VideoClips, train_transform
 
@@ -107,19 +110,23 @@ def main(argv: list[str] | None = None) -> dict:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     rows = []
     for workers in args.workers:
-        def loader(ds):
-            """`--epochs` passes over ds, workers kept between them."""
+        def loader(ds, pin=False):
+            """`--epochs` passes over ds, workers kept between them; pin: batches in page-locked memory."""
             dl = DataLoader(ds, args.batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
-                            drop_last=True)
+                            drop_last=True, pin_memory=pin)
             return itertools.chain.from_iterable(dl for _ in range(args.epochs))
         decoded = VideoClips(list_file, args.root, decode_size=args.decode_size, transform=augment, **sampling)
         rows.append(("VideoClips (decord) + CPU transform", workers, *timed(b for b, _ in loader(decoded))))
         cached = CachedClips(cache, transform=augment, **sampling)
         rows.append(("CachedClips + CPU transform", workers, *timed(b for b, _ in loader(cached))))
         g = torch.Generator(device).manual_seed(0)
-        raw = loader(CachedClips(cache, **sampling))
+        raw = loader(CachedClips(cache, **sampling), pin=device.type == "cuda")
         on_device = (gpu_augment(b.to(device, non_blocking=True), args.size, generator=g) for b, _ in raw)
         rows.append((f"CachedClips + gpu_augment ({device.type})", workers, *timed(on_device, sync)))
+        fast = CacheBatches(CachedClips(cache, **sampling), args.batch_size, threads=max(1, workers), device=device,
+                            augment=partial(gpu_augment, size=args.size, generator=g))
+        batches = itertools.islice(fast(), len(CachedClips(cache, **sampling)) // args.batch_size * args.epochs)
+        rows.append((f"CacheBatches (threads) + gpu_augment ({device.type})", workers, *timed(batches, sync)))
 
     print(f"\ncache build: {build_s:.2f} s ({max(args.workers)} workers)")
     print(f"{'path':44s} {'workers':>7s} {'clips/s':>9s}")

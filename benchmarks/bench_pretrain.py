@@ -20,6 +20,7 @@ the process's peak RSS, which only grows (so only its first row means much).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import math
@@ -37,26 +38,23 @@ from bwssl_core.flops import mfu, train_step_flops
 from bwssl_core.io import save_json
 from bwssl_core.masking import tube_mask
 from bwssl_core.pipeline import BlockWorker, pipeline_estimate, step_mask
-from bwssl_core.train import Trainer, default_device, peak_memory_gib
+from bwssl_core.timing import add_device_args, device_from_args, sync
+from bwssl_core.train import Trainer, peak_memory_gib
 
 VARIANTS = {  # name: (model overrides, per-block backward)
     "memory": ({}, True),
     "joint": ({}, False),
     "shared": ({"dec_shared": True}, True),
     "light": ({"dec_depth": 1}, True),
+    "lean": ({"dec_depth": 1, "dec_keep": 0.5}, True),  # 1-layer decoders on half the hidden tubes (VideoMAE V2)
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_steps(step: Callable[[], object], device: torch.device, steps: int, warmup: int, repeats: int) -> float:
     """Median over `repeats` of the mean seconds per call of `step`, after `warmup` calls."""
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -88,6 +86,19 @@ def _reset_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def profile_table(step: Callable, device: torch.device, steps: int, rows: int = 25) -> str:
+    """torch.profiler's table of the kernels (or CPU ops) that take the most time over `steps` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
 def hf_step(cfg: ModelConfig, video: torch.Tensor, bf16: bool, seed: int) -> Callable:
@@ -142,17 +153,20 @@ def block_times(mcfg: ModelConfig, tcfg: TrainConfig, video: torch.Tensor, steps
             step = i * steps + s
             x, mask = video, step_mask(mcfg, tcfg, step, device)
             for k, w in enumerate(workers):
-                _sync(device)
+                sync(device)
                 tic = time.perf_counter()
                 x, _ = w.step(x, video, mask, step)
-                _sync(device)
+                sync(device)
                 total[k] += (time.perf_counter() - tic) / steps
         if i >= warmup:
             runs.append(total)
     return [statistics.median(r[k] for r in runs) for k in range(len(workers))]
 
 
-def bench_preset(preset: str, args, device: torch.device, peak: float) -> tuple[list[dict], list[dict]]:
+def bench_preset(preset: str, args, device: torch.device, peak: float,
+                 on_row: Callable[[list[dict]], None] = lambda rows: None) -> tuple[list[dict], list[dict]]:
+    """This preset's rows and per-block timings; on_row(rows) after each row (main saves them, so a
+    run cut short keeps what it measured)."""
     base = model_config(preset, **({"mask_ratio": args.mask_ratio} if args.mask_ratio is not None else {}))
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     steps_total = args.warmup + args.steps * args.repeats
@@ -164,8 +178,12 @@ def bench_preset(preset: str, args, device: torch.device, peak: float) -> tuple[
 
     def measure(name: str, cfg: ModelConfig, make: Callable[[], Callable]) -> dict:
         _reset_memory(device)
+        if args.compile:
+            torch._dynamo.reset()  # each row compiled afresh, never over dynamo's recompile limit
         step = make()
         seconds = time_steps(step, **timing)
+        if name in args.profile:
+            print(f"\nprofile of {preset} {name}, {args.steps} steps:\n{profile_table(step, device, args.steps)}", flush=True)
         loss = float(step())
         flops = train_step_flops(cfg, args.batch)["total"]
         row = {"preset": preset, "impl": name, "blocks": len(cfg.partition), "partition": list(cfg.partition),
@@ -177,6 +195,7 @@ def bench_preset(preset: str, args, device: torch.device, peak: float) -> tuple[
         if hasattr(step, "attn_used"):
             row["attn_used"] = step.attn_used
         rows.append(row)
+        on_row(rows)
         print(f"  {preset} {name}: {row['clips_per_s']:.1f} clips/s", flush=True)
         return row
 
@@ -184,14 +203,15 @@ def bench_preset(preset: str, args, device: torch.device, peak: float) -> tuple[
         measure("hf_sdpa", base, lambda: hf_step(base, video, precision == "bf16", seed=0))
     with tempfile.TemporaryDirectory() as tmp:
         for K in [1, *(k for k in args.blocks if k > 1 and base.depth % k == 0)]:
-            for variant in (["e2e"] if K == 1 else args.variants):
+            at_k = args.variants if args.variant_blocks is None or K in args.variant_blocks else args.variants[:1]
+            for variant in (["e2e"] if K == 1 else at_k):
                 overrides, pbb = VARIANTS.get(variant, ({}, True))
                 if overrides and all(getattr(base, n) == v for n, v in overrides.items()):
                     continue  # the preset already is this variant (the cpu preset's decoder has 1 layer)
                 cfg = model_config(preset, blocks=K, **{**overrides, "mask_ratio": base.mask_ratio})
                 measure("e2e" if K == 1 else f"bw_{variant}", cfg,
                         lambda: ours_step(cfg, tcfg(pbb), video, f"{tmp}/{len(rows)}"))
-            if K > 1 and args.per_block:
+            if K > 1 and args.per_block is not None and (not args.per_block or K in args.per_block):
                 cfg = model_config(preset, blocks=K, mask_ratio=base.mask_ratio)
                 times = block_times(cfg, tcfg(True), video, args.steps, args.warmup, args.repeats)
                 sent = args.batch * cfg.num_visible * cfg.embed_dim * 4  # fp32 activations to the next rank
@@ -227,6 +247,17 @@ def print_table(rows: list[dict], per_block: list[dict], peak: float) -> None:
               + (f", x{p['speedup_vs_trainer']:.2f} over the Trainer's step)" if p["speedup_vs_trainer"] else ")"))
 
 
+def sdpa_backends(names: list[str] | None):
+    """A context in which scaled_dot_product_attention may use only these backends (None: any)."""
+    if not names:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    table = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([table[n] for n in names], set_priority=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -235,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--blocks", type=int, nargs="+", default=[2, 4, 6, 12], help="K of the blockwise rows")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variant-blocks", type=int, nargs="+",
+                   help="K at which every variant runs; at the others only the first (default: every K)")
     p.add_argument("--mask-ratio", type=float, help="default: the preset's")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on a GPU, fp32 on the CPU (as the Trainer)")
@@ -242,26 +275,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--per-block", action=argparse.BooleanOptionalAction, default=False,
-                   help="time each block's step and model the block-parallel speed-up")
+    p.add_argument("--per-block", type=int, nargs="*",
+                   help="time each block's step and model the block-parallel speed-up, at these K (none given: every K)")
     p.add_argument("--link-gbs", type=float, default=25.0,
                    help="GB/s between pipeline ranks for the transfer term (25: PCIe 4 x16)")
     p.add_argument("--peak-n", type=int, help="matmul size for the peak (default 8192 on a GPU, 1024 on the CPU)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers row")
-    p.add_argument("--device", help="default: the local GPU if any")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--profile", nargs="*", default=[], metavar="IMPL",
+                   help="print torch.profiler's top kernels for these rows (e.g. e2e bw_light hf_sdpa)")
+    p.add_argument("--sdpa", nargs="+", choices=["flash", "cudnn", "efficient", "math"],
+                   help="attention backends scaled_dot_product_attention may use, in order (default: torch's choice)")
+    add_device_args(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or default_device())
+    device = device_from_args(args)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
     peak = matmul_peak(device, dtype, args.peak_n or (8192 if device.type == "cuda" else 1024))
     rows, per_block = [], []
-    for preset in args.presets:
-        r, b = bench_preset(preset, args, device, peak)
-        rows += r
-        per_block += b
+    partial = lambda new: save_json(args.out, {"partial": True, "rows": rows + new})  # noqa: E731
+    with sdpa_backends(args.sdpa):
+        for preset in args.presets:
+            r, b = bench_preset(preset, args, device, peak, partial)
+            rows += r
+            per_block += b
     print_table(rows, per_block, peak)
     env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -150,12 +150,17 @@ class CachedClips(ClipSampler):
     def __getstate__(self):
         return {**self.__dict__, "_frames": None}
 
-    def _open(self, i: int):
+    @property
+    def frames(self) -> np.memmap:
+        """Every frame (total_frames, H, W, C), memory-mapped, opened on first use in each process."""
         if self._frames is None:
             self._frames = np.memmap(self.dir / FRAMES, np.uint8, "r", shape=self.shape)
-        video = self.videos[i]
+        return self._frames
+
+    def _open(self, i: int):
+        video, frames = self.videos[i], self.frames
         offset = video["offset"]
-        return video["frames"], lambda indices: np.asarray(self._frames[offset + indices])  # (K, H, W, C)
+        return video["frames"], lambda indices: np.asarray(frames[offset + indices])  # (K, H, W, C)
 
 
 def gpu_augment(video: torch.Tensor, size: int, scale: tuple[float, float] = (0.5, 1.0), flip: bool = True,

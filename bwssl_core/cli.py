@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a data folder with train.csv (e.g. from `bwssl synth`), a list file, a clip cache "
                         "(`bwssl cache`), a .pt file of uint8 clips (N, T, H, W, C), or 'synthetic' "
                         "(moving shapes made on the device)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes for video folders and caches")
+    p.add_argument("--workers", type=int, default=2,
+                   help="DataLoader processes for video folders; threads copying clips for a clip cache")
     p.add_argument("--preset", default="cpu", help=f"model size: {', '.join(PRESETS)}")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--blocks", type=int, help="K equal blocks (1: end-to-end)")
@@ -135,6 +136,8 @@ def cmd_synth(args) -> None:
 def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, device: str):
     """The batch source that --data names (see batches.py)."""
     from .batches import ClipTensorFile, DatasetBatches, MovingShapes
+    from .cache import CachedClips
+    from .prefetch import CacheBatches
 
     size, expected = mcfg.img_size, (mcfg.in_chans, mcfg.num_frames, mcfg.img_size, mcfg.img_size)
     if args.data == "synthetic":
@@ -156,7 +159,7 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
                   skip_bad=dcfg.skip_bad, seed=tcfg.seed)
     augment, bad_list = None, Path(args.out) / "bad_videos.txt"
     if (path / "index.json").exists():  # a clip cache: crops and flips run on the training device
-        from .cache import CachedClips, gpu_augment
+        from .cache import gpu_augment
 
         dataset = CachedClips(path, bad_list_out=bad_list, **common)
         stored = (dataset.shape[1], dataset.shape[2])
@@ -175,6 +178,8 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
         transform = train_transform(size, flip=dcfg.flip) if dcfg.augment else eval_transform(size)
         dataset = VideoClips(list_file, transform=transform, bad_list_out=bad_list,
                              **common)
+    if isinstance(dataset, CachedClips):  # threads copy clips into pinned memory (prefetch.py)
+        return CacheBatches(dataset, tcfg.batch_size // dcfg.repeats, tcfg.seed, args.workers, device, augment)
     return DatasetBatches(dataset, tcfg.batch_size // dcfg.repeats, tcfg.seed, args.workers, device, augment)
 
 

@@ -64,6 +64,7 @@ class ModelConfig:
     dec_heads: int = 6
     dec_shared: bool = False  # one decoder shared by every block
     dec_norm: bool = True  # LayerNorm on each block's output before its decoder (VideoMAE's encoder norm)
+    dec_keep: float = 1.0  # fraction of the hidden tubes each decoder reconstructs, drawn per step (VideoMAE V2)
     # objective
     mask_ratio: float = 0.9  # fraction of spatial positions hidden (tube masking)
     norm_target: bool = True  # target pixels normalised per tube and channel; False: plain pixels in [0, 1]
@@ -92,6 +93,12 @@ class ModelConfig:
         return t * num_keep(h * w, self.mask_ratio)
 
     @property
+    def num_decoded(self) -> int:
+        """Hidden tokens per clip that each decoder reconstructs (all of them unless dec_keep < 1)."""
+        hidden = self.num_tokens - self.num_visible
+        return hidden if self.dec_keep >= 1 else num_decode(hidden, self.dec_keep)
+
+    @property
     def tube_dim(self) -> int:
         """Pixels in one tube, all channels: the decoder's output width."""
         return self.tubelet_size * self.patch_size ** 2 * self.in_chans
@@ -113,6 +120,7 @@ class ModelConfig:
               self.mlp_ratio, f"a number in [1/{width}, 64] (MLP width = int(width x mlp_ratio) >= 1)")
         _need(_is_real(self.norm_eps) and 0 < self.norm_eps < 1, "norm_eps", self.norm_eps, "a number in (0, 1)")
         _need(_is_real(self.mask_ratio) and 0 <= self.mask_ratio < 1, "mask_ratio", self.mask_ratio, "in [0, 1)")
+        _need(_is_real(self.dec_keep) and 0 < self.dec_keep <= 1, "dec_keep", self.dec_keep, "in (0, 1]")
         _need(isinstance(self.partition, tuple) and len(self.partition) > 0, "partition", self.partition,
               "a list of layer counts like (3, 3, 3, 3)")
         _need(self.num_frames % self.tubelet_size == 0, "num_frames", self.num_frames,
@@ -143,6 +151,11 @@ class ModelConfig:
 def num_keep(n: int, mask_ratio: float) -> int:
     """Positions kept visible out of n: n - int(n * ratio), as VideoMAE's tube masking generator."""
     return n - int(n * mask_ratio)
+
+
+def num_decode(hidden: int, dec_keep: float) -> int:
+    """Hidden tokens each decoder reconstructs out of `hidden`: round(hidden * dec_keep), at least 1."""
+    return max(1, round(hidden * dec_keep))
 
 
 def uniform_partition(depth: int, blocks: int) -> tuple[int, ...]:
@@ -264,4 +277,4 @@ def to_dict(cfg) -> dict:
 
 
 __all__ = ["PIXEL_MEAN", "PIXEL_STD", "ConfigError", "ModelConfig", "TrainConfig", "DataConfig", "PRESETS", "model_config",
-           "uniform_partition", "parse_partition", "num_keep", "from_dict", "to_dict"]
+           "uniform_partition", "parse_partition", "num_keep", "num_decode", "from_dict", "to_dict"]

@@ -91,17 +91,7 @@ def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings
             return tokens["train"], tokens["val"]
 
         def probes(feats, token_layers=token_layers, token_level=token_level):
-            res = {}
-            for pool in poolings:
-                res[pool] = {fam: {} for fam in families}
-                for i in range(len(feats["train"][pool])):
-                    tr_x, va_x = feats["train"][pool][i].to(device), feats["val"][pool][i].to(device)
-                    space = ProbeSpace(tr_x, va_x)
-                    for fam in families:
-                        tr_y, va_y = train_labels[fam].to(device), val_labels[fam].to(device)
-                        row = {**space.probe(tr_y, va_y, seed=seed), **retrieval(tr_x, tr_y, va_x, va_y, ks)}
-                        for k, v in row.items():
-                            res[pool][fam].setdefault(k, []).append(v)
+            res = probe_layers(feats["train"], train_labels, feats["val"], val_labels, families, seed, ks, device)
             if token_layers:
                 tr_t, va_t = token_level()
                 res["attentive"] = {fam: {"acc": [attentive_probe(tr_t[i], train_labels[fam], va_t[i], val_labels[fam],
@@ -115,6 +105,25 @@ def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings
                            labels={f: tensor_hash(train_labels[f], val_labels[f]) for f in families})
         out[name] = store.get(probe_key, lambda: probes(store.get(feat_key, compute, meta)), meta)
     return out
+
+
+def probe_layers(train_feats: dict, train_labels: dict, val_feats: dict, val_labels: dict, families,
+                 seed: int = 0, ks=(1, 5, 10, 20, 50), device="cpu") -> dict:
+    """Linear probe and retrieval on every layer of pooled features {pooling: (layers, N, F)}:
+    {pooling: {family: {"acc": [per layer], "R@k": [per layer], ...}}}."""
+    res = {}
+    for pool in train_feats:
+        res[pool] = {fam: {} for fam in families}
+        for i in range(len(train_feats[pool])):
+            tr_x, va_x = train_feats[pool][i].to(device), val_feats[pool][i].to(device)
+            fitted = ProbeSpace(tr_x, va_x).probe_families({f: (train_labels[f], val_labels[f]) for f in families},
+                                                           seed=seed)
+            for fam in families:
+                tr_y, va_y = train_labels[fam].to(device), val_labels[fam].to(device)
+                row = {**fitted[fam], **retrieval(tr_x, tr_y, va_x, va_y, ks)}
+                for k, v in row.items():
+                    res[pool][fam].setdefault(k, []).append(v)
+    return res
 
 
 def best_layer_table(results: dict, metric: str = "acc") -> list[dict]:

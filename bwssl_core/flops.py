@@ -9,11 +9,12 @@ Backward costs twice the forward (a gradient for the input and one for the weigh
 costs 3x the forward, except the tubelet embedding: the video needs no gradient, so its backward
 computes only the weight gradient and the embedding costs 2x its forward.
 
-Where each part runs (cfg.grid gives L tokens, N of them visible, M = L - N hidden):
-- tubelet embedding: all L tubes (the encoder drops the hidden ones after the embedding);
+Where each part runs (cfg.grid gives L tokens, N of them visible, M of the hidden ones decoded:
+all L - N of them unless cfg.dec_keep < 1):
+- tubelet embedding: the N visible tubes (gathered before the embedding);
 - encoder layers: the N visible tokens, whatever the partition;
 - each block's decoder (K of them, also when one decoder is shared): embedding on the N visible
-  features, layers on all L tokens, head on the M hidden ones.
+  features, layers on N + M tokens, head on the M decoded ones.
 """
 from __future__ import annotations
 
@@ -39,15 +40,15 @@ def forward_flops(cfg: ModelConfig, batch: int) -> dict:
     """Forward FLOPs of a batch of clips by part: embed, enc_{qkv,attention,proj,mlp},
     dec_{embed,layers,head}, and per block (`blocks`: its layers plus its decoder; the first block
     also counts the embedding)."""
-    L, N = cfg.num_tokens, cfg.num_visible
+    N, M = cfg.num_visible, cfg.num_decoded
     enc = {f"enc_{k}": v * cfg.depth for k, v in layer_flops(N, cfg.embed_dim, cfg.mlp_ratio).items()}
     per_layer = sum(enc.values()) // cfg.depth
     decoder = {"dec_embed": linear_flops(N, cfg.embed_dim, cfg.dec_dim),
-               "dec_layers": cfg.dec_depth * sum(layer_flops(L, cfg.dec_dim, cfg.mlp_ratio).values()),
-               "dec_head": linear_flops(L - N, cfg.dec_dim, cfg.tube_dim)}
+               "dec_layers": cfg.dec_depth * sum(layer_flops(N + M, cfg.dec_dim, cfg.mlp_ratio).values()),
+               "dec_head": linear_flops(M, cfg.dec_dim, cfg.tube_dim)}
     one_decoder = sum(decoder.values())
     K = len(cfg.partition)
-    parts = {"embed": linear_flops(L, cfg.tube_dim, cfg.embed_dim), **enc,
+    parts = {"embed": linear_flops(N, cfg.tube_dim, cfg.embed_dim), **enc,
              **{k: v * K for k, v in decoder.items()}}
     parts = {k: v * batch for k, v in parts.items()}
     blocks = [batch * (n * per_layer + one_decoder) for n in cfg.partition]

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .masking import patchify
+
 
 class TubeletEmbed(nn.Module):
     """(B, C, T, H, W) -> (B, L, D): one token per tubelet_size x patch_size x patch_size tube."""
@@ -19,8 +21,16 @@ class TubeletEmbed(nn.Module):
         kernel = (tubelet_size, patch_size, patch_size)
         self.proj = nn.Conv3d(in_chans, dim, kernel_size=kernel, stride=kernel)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.proj(video).flatten(2).transpose(1, 2)  # (B, D, T', H', W') -> (B, L, D)
+    def forward(self, video: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """All tubes, or with ids (B, N) only those: gathered first and embedded as one matmul with
+        the same weights, so hidden tubes cost nothing -> (B, N, D)."""
+        if ids is None:
+            return self.proj(video).flatten(2).transpose(1, 2)  # (B, D, T', H', W') -> (B, L, D)
+        t, p = self.proj.kernel_size[:2]
+        tubes = patchify(video, t, p).flatten(2)  # (B, L, t*p*p*C)
+        tubes = tubes.gather(1, ids[:, :, None].expand(-1, -1, tubes.shape[-1]))  # (B, N, t*p*p*C)
+        weight = self.proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # (D, t*p*p*C), patchify's order
+        return F.linear(tubes, weight, self.proj.bias)
 
 
 def _sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:

@@ -9,13 +9,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import num_keep
+from .config import num_decode, num_keep
 
 
 @dataclass
 class Mask:
     ids_keep: torch.Tensor  # (B, N_vis) visible token indices, ascending
     ids_mask: torch.Tensor  # (B, N_mask) hidden token indices, ascending
+    ids_decode: torch.Tensor | None = None  # (B, N_dec) the hidden tokens the decoders reconstruct; None: all
+
+    @property
+    def decode(self) -> torch.Tensor:
+        """(B, N_dec) hidden token indices the decoders reconstruct, ascending."""
+        return self.ids_mask if self.ids_decode is None else self.ids_decode
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -26,7 +32,7 @@ class Mask:
         return out.scatter_(1, self.ids_mask, True)
 
     def __getitem__(self, rows) -> "Mask":
-        return Mask(self.ids_keep[rows], self.ids_mask[rows])
+        return Mask(self.ids_keep[rows], self.ids_mask[rows], None if self.ids_decode is None else self.ids_decode[rows])
 
     @classmethod
     def from_hidden(cls, hidden: torch.Tensor) -> "Mask":
@@ -40,8 +46,10 @@ class Mask:
 
 
 def tube_mask(batch: int, grid: tuple[int, int, int], mask_ratio: float,
-              generator: torch.Generator | None = None, device=None) -> Mask:
-    """Random tube mask for `batch` clips on `device`, drawn from `generator`."""
+              generator: torch.Generator | None = None, device=None, dec_keep: float = 1.0) -> Mask:
+    """Random tube mask for `batch` clips on `device`, drawn from `generator`. dec_keep < 1 also
+    draws, after the mask, the hidden tokens the decoders reconstruct: num_decode(N_mask, dec_keep)
+    of them per clip, uniformly at random (VideoMAE V2's decoder masking)."""
     t, h, w = grid
     hw = h * w
     keep = num_keep(hw, mask_ratio)
@@ -52,7 +60,13 @@ def tube_mask(batch: int, grid: tuple[int, int, int], mask_ratio: float,
     def over_time(spatial):  # (B, n) spatial ids -> (B, T' * n) token ids, ascending
         return (offsets + spatial.sort(dim=1).values[:, None, :]).flatten(1)
 
-    return Mask(over_time(order[:, :keep]), over_time(order[:, keep:]))
+    mask = Mask(over_time(order[:, :keep]), over_time(order[:, keep:]))
+    if dec_keep < 1:
+        hidden = mask.ids_mask.shape[1]
+        pick = torch.rand(batch, hidden, generator=generator, device=device).argsort(dim=1)
+        pick = pick[:, :num_decode(hidden, dec_keep)].sort(dim=1).values
+        mask.ids_decode = mask.ids_mask.gather(1, pick)
+    return mask
 
 
 def patchify(video: torch.Tensor, tubelet_size: int, patch_size: int) -> torch.Tensor:

@@ -17,11 +17,6 @@ from .layers import Layer, TubeletEmbed, init_weights, position_table
 from .masking import Mask, tube_mask, tube_target
 
 
-def _gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x (B, L, D), ids (B, N) -> (B, N, D)."""
-    return x.gather(1, ids[:, :, None].expand(-1, -1, x.shape[-1]))
-
-
 class Stage(nn.Module):
     """One block of the partition: contiguous encoder layers and the norm on their output.
 
@@ -41,8 +36,8 @@ class Stage(nn.Module):
 
     def tokens(self, video: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, N, D): embedded tubes plus positions, visible ones only if ids_keep."""
-        x = self.embed(video) + self.pos.to(video.dtype)  # (B, L, D)
-        return x if ids_keep is None else _gather_tokens(x, ids_keep)
+        pos = self.pos if ids_keep is None else self.pos[ids_keep]  # (L, D) or (B, N, D)
+        return self.embed(video, ids_keep) + pos.to(video.dtype)
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None):
         if self.embed is not None:
@@ -111,7 +106,7 @@ class VideoMAE(nn.Module):
                 f"for tubelet {c.tubelet_size}x{c.patch_size}x{c.patch_size}")
 
     def random_mask(self, batch: int, generator: torch.Generator | None = None) -> Mask:
-        return tube_mask(batch, self.cfg.grid, self.cfg.mask_ratio, generator, self.pixel_mean.device)
+        return tube_mask(batch, self.cfg.grid, self.cfg.mask_ratio, generator, self.pixel_mean.device, self.cfg.dec_keep)
 
     def target(self, video: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
         """(B, N_mask, t*p*p*C) target for the hidden tubes of a normalised video."""
@@ -133,7 +128,7 @@ class VideoMAE(nn.Module):
         stages = self.stages if stages is None else stages
         decoders = self.decoders if decoders is None else decoders
         mask = self.random_mask(video.shape[0], generator) if mask is None else mask
-        target = self.target(video, mask.ids_mask)
+        target = self.target(video, mask.decode)  # the hidden tubes the decoders reconstruct
         batched_decoder = self.cfg.dec_shared and backward is None  # one call for all blocks
         x, outputs, losses = video, [], []
         for k, stage in enumerate(stages):
@@ -141,7 +136,7 @@ class VideoMAE(nn.Module):
             if batched_decoder:
                 outputs.append(z)
                 continue
-            pred = decoders[0 if self.cfg.dec_shared else k](z, mask.ids_keep, mask.ids_mask)
+            pred = decoders[0 if self.cfg.dec_shared else k](z, mask.ids_keep, mask.decode)
             loss = F.mse_loss(pred.float(), target)
             if backward is not None:
                 backward(k, loss)
@@ -149,7 +144,7 @@ class VideoMAE(nn.Module):
             losses.append(loss)
         if batched_decoder:
             K = len(outputs)
-            pred = decoders[0](torch.cat(outputs), mask.ids_keep.repeat(K, 1), mask.ids_mask.repeat(K, 1))
+            pred = decoders[0](torch.cat(outputs), mask.ids_keep.repeat(K, 1), mask.decode.repeat(K, 1))
             losses = [F.mse_loss(p.float(), target) for p in pred.chunk(K)]
         return losses
 

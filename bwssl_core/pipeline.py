@@ -44,13 +44,13 @@ from .config import ConfigError, ModelConfig, TrainConfig, to_dict
 from .io import RunError, save_checkpoint, save_json
 from .masking import Mask, tube_mask
 from .model import VideoMAE
-from .train import claim_folder, default_device, lr_at, param_groups, peak_memory_gib
+from .train import claim_folder, compile_module, default_device, lr_at, param_groups, peak_memory_gib
 
 
 def step_mask(mcfg: ModelConfig, tcfg: TrainConfig, step: int, device) -> Mask:
     """The mask of a global batch at `step`, as train.Trainer draws it."""
     g = step_generator(tcfg.seed + 1, step, device)
-    return tube_mask(tcfg.batch_size, mcfg.grid, mcfg.mask_ratio, g, device)
+    return tube_mask(tcfg.batch_size, mcfg.grid, mcfg.mask_ratio, g, device, mcfg.dec_keep)
 
 
 class BlockWorker:
@@ -72,8 +72,8 @@ class BlockWorker:
         self.optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=0.0,
                                            betas=(tcfg.beta1, tcfg.beta2), **fused)
         if tcfg.compile:
-            self.stage.compile()
-            self.decoder.compile()
+            compile_module(self.stage)
+            compile_module(self.decoder)
         bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
@@ -84,9 +84,9 @@ class BlockWorker:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, t)
         with self.autocast():
-            target = self.model.target(video, mask.ids_mask)
+            target = self.model.target(video, mask.decode)
             x, z = self.stage(x if self.k == 0 else x.detach(), mask.ids_keep)
-            loss = F.mse_loss(self.decoder(z, mask.ids_keep, mask.ids_mask).float(), target)
+            loss = F.mse_loss(self.decoder(z, mask.ids_keep, mask.decode).float(), target)
             with torch.autocast(self.device.type, enabled=False):
                 loss.backward()
         if t.clip_grad > 0:

@@ -24,14 +24,18 @@ def pool_tokens(x: torch.Tensor, grid: tuple[int, int, int], kind: str) -> torch
     """(B, L, D) tokens in (t, h, w) order -> (B, F) pooled features."""
     B, L, D = x.shape
     T, H, W = grid
+    f32 = torch.float32  # accumulate in float32 whatever x's dtype, without a float32 copy of x
     if kind == "mean":
-        return x.mean(1)
+        return x.mean(1, dtype=f32)
     x = x.view(B, T, H, W, D)
     if kind == "slices":
-        return x.mean((2, 3)).flatten(1)  # (B, T' * D)
+        return x.mean((2, 3), dtype=f32).flatten(1)  # (B, T' * D)
     if kind == "grid":
-        cells = F.adaptive_avg_pool3d(x.permute(0, 4, 1, 2, 3).float(), (T, 2, 2))  # (B, D, T', 2, 2)
-        return cells.permute(0, 2, 3, 4, 1).flatten(1)  # (B, T' * 4 * D)
+        if H % 2 == 0 and W % 2 == 0:  # equal cells: a plain reduction, as adaptive pooling gives
+            cells = x.view(B, T, 2, H // 2, 2, W // 2, D).mean((3, 5), dtype=f32)  # (B, T', 2, 2, D)
+        else:  # adaptive pooling's overlapping cells
+            cells = F.adaptive_avg_pool3d(x.permute(0, 4, 1, 2, 3).float(), (T, 2, 2)).permute(0, 2, 3, 4, 1)
+        return cells.flatten(1)  # (B, T' * 4 * D)
     raise ValueError(f"pooling {kind!r}: expected one of {POOLINGS}")
 
 
@@ -70,7 +74,6 @@ def layer_features(model: VideoMAE, clips, poolings=POOLINGS, batch_size: int = 
     for batch in _batches(clips, batch_size):
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
             feats = model.forward_intermediates(normalize_video(batch.to(device)))  # list of (B, L, D)
-        feats = [f.float() for f in feats]
         for kind in poolings:
             out[kind].append(torch.stack([pool_tokens(f, model.cfg.grid, kind) for f in feats]).cpu())
         if token_layers:
@@ -112,28 +115,66 @@ def principal_basis(x: torch.Tensor, rel_eps: float = 1e-7) -> tuple[torch.Tenso
     return V[:, keep].to(x.dtype), lam[keep].to(x.dtype)
 
 
-def _fit(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, lam: torch.Tensor, max_iter: int,
-         init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression on features z (n, r) in a principal basis: minimises mean
-    cross-entropy + l2/2 ||B||^2 over weights B (C, r) and bias b (C,) by L-BFGS, with B = P * c,
-    c = (lam / 4 + l2)^-1/2 a diagonal preconditioner (the same minimum, reached in far fewer steps).
-    Stops when the max-norm of the gradient in P falls below 1e-4 or after max_iter iterations."""
-    c = (lam / 4 + l2).rsqrt()  # (r,)
-    B0, b0 = init if init is not None else (z.new_zeros(num_classes, z.shape[1]), z.new_zeros(num_classes))
+def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2: list[float], lam: torch.Tensor,
+         max_iter: int, init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """J multinomial logistic regressions on shared features z (n, r) in a principal basis, solved as one:
+    labels ys (J, n), problem j with num_classes[j] classes and penalty l2[j]. Minimises the sum over j
+    of mean cross-entropy + l2_j/2 ||B_j||^2 over weights B (J, C, r) and biases b (J, C), C the largest
+    class count (a problem's extra classes are masked out), by one L-BFGS: the problems share no
+    parameter, so the joint minimum is every problem's own minimum, reached in one run of batched
+    matmuls instead of J runs. B_j = P_j * c_j with c_j = (lam / 4 + l2_j)^-1/2, a diagonal
+    preconditioner (the same minimum in far fewer steps). Stops when the max-norm of the gradient in
+    P falls below 1e-4 or after max_iter iterations."""
+    J, n = ys.shape
+    C = max(num_classes)
+    l2s = torch.tensor(l2, dtype=z.dtype, device=z.device)  # (J,)
+    c = (lam[None] / 4 + l2s[:, None]).rsqrt()[:, None]  # (J, 1, r)
+    absent = torch.arange(C, device=z.device)[None] >= torch.tensor(num_classes, device=z.device)[:, None]  # (J, C)
+    B0, b0 = init if init is not None else (z.new_zeros(J, C, z.shape[1]), z.new_zeros(J, C))
     P = (B0 / c).clone().requires_grad_(True)
-    b = b0.clone().requires_grad_(True)
+    b = b0.masked_fill(absent, 0).requires_grad_(True)
     opt = torch.optim.LBFGS([P, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-4, tolerance_change=1e-9)
+    targets = ys.T.contiguous()  # (n, J)
 
     def closure():
         opt.zero_grad()
-        B = P * c
-        loss = F.cross_entropy(z @ B.T + b, y) + 0.5 * l2 * B.pow(2).sum()
+        B = P * c  # (J, C, r)
+        logits = (z @ B.flatten(0, 1).T).view(n, J, C) + b  # (n, J, C)
+        logits = logits.masked_fill(absent, float("-inf"))
+        ce = F.cross_entropy(logits.permute(0, 2, 1), targets, reduction="none").mean(0)  # (J,)
+        loss = (ce + 0.5 * l2s * B.pow(2).sum((1, 2))).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return (P * c).detach(), b.detach()
+    return (P * c).detach(), b.detach().masked_fill(absent, float("-inf"))  # an absent class never wins
+
+
+def _solve(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2: list[float], lam: torch.Tensor,
+           max_iter: int, init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """_fit's problems: on a GPU all in one batched solve (the calls, not the arithmetic, cost there);
+    on the CPU one at a time, each stopping at its own convergence and, without `init`, starting from
+    the solution of the problem before it when that one has the same labels (a stronger l2 of the same
+    family). Weights padded to the largest class count, absent classes' bias -inf."""
+    if z.device.type == "cuda":
+        return _fit(z, ys, num_classes, l2, lam, max_iter, init)
+    C, Bs, bs = max(num_classes), [], []
+    for j, k in enumerate(num_classes):
+        if init is not None:
+            start = (init[0][j:j + 1, :k], init[1][j:j + 1, :k])
+        else:
+            same = j > 0 and num_classes[j - 1] == k and torch.equal(ys[j], ys[j - 1])
+            start = (Bs[-1][:, :k], bs[-1][:, :k]) if same else None
+        B, b = _fit(z, ys[j:j + 1], [k], [l2[j]], lam, max_iter, start)
+        Bs.append(F.pad(B, (0, 0, 0, C - k)))
+        bs.append(F.pad(b, (0, C - k), value=float("-inf")))
+    return torch.cat(Bs), torch.cat(bs)
+
+
+def _accuracy(z: torch.Tensor, B: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Top-1 of the J problems' weights B (J, C, r), b (J, C) on features z (n, r) and labels y (J, n): (J,)."""
+    return ((torch.einsum("nr,jcr->jnc", z, B) + b[:, None]).argmax(-1) == y).float().mean(1)
 
 
 class ProbeSpace:
@@ -149,33 +190,49 @@ class ProbeSpace:
 
     def fit(self, y: torch.Tensor, l2: float, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights (C, d) on the standardised features and bias (C,), fitted on the whole training split."""
-        B, b = _fit(self.train, y.to(self.train.device), int(y.max()) + 1, l2, self.lam, max_iter)
-        return B @ self.basis.T, b
+        y = y.to(self.train.device)
+        B, b = _fit(self.train, y[None], [int(y.max()) + 1], [l2], self.lam, max_iter)
+        return B[0] @ self.basis.T, b[0]
 
-    def probe(self, train_y: torch.Tensor, val_y: torch.Tensor, l2_grid=(1e-1, 1e-2, 1e-3, 1e-4),
-              holdout: float = 0.2, seed: int = 0, max_iter: int = 100) -> dict:
+    def probe(self, train_y: torch.Tensor, val_y: torch.Tensor, **kwargs) -> dict:
         """Top-1 on validation, l2 chosen on a held-out part of the training split, then refit on all of it."""
-        if len(self.train) != len(train_y) or len(self.val) != len(val_y):
-            raise ConfigError(f"features and labels differ in length: train {len(self.train)} vs {len(train_y)}, "
-                              f"validation {len(self.val)} vs {len(val_y)}")
-        num_classes = int(max(train_y.max(), val_y.max())) + 1
-        if len(train_y) < 2 * num_classes / (1 - holdout):
-            raise ConfigError(f"{len(train_y)} training samples are fewer than the probe needs for {num_classes} "
-                              f"classes (at least {int(2 * num_classes / (1 - holdout)) + 1}: two per class to "
-                              f"fit, plus a {holdout:.0%} held-out part to choose l2)")
-        train_y, val_y = train_y.to(self.train.device), val_y.to(self.train.device)
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed)).to(train_y.device)
-        n_hold = max(1, int(len(train_y) * holdout))
+        return self.probe_families({"y": (train_y, val_y)}, **kwargs)["y"]
+
+    def probe_families(self, labels: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                       l2_grid=(1e-1, 1e-2, 1e-3, 1e-4), holdout: float = 0.2, seed: int = 0,
+                       max_iter: int = 100) -> dict[str, dict]:
+        """probe() for several label families {family: (train_y, val_y)} at once: every (family, l2)
+        fit on the training rows in one solve, each family's l2 chosen on the held-out rows (ties:
+        the stronger), then every family refit at its l2 on all training rows in a second solve.
+        {family: {"acc", "l2", "holdout_acc"}}."""
+        dev = self.train.device
+        counts = {}
+        for fam, (train_y, val_y) in labels.items():
+            if len(self.train) != len(train_y) or len(self.val) != len(val_y):
+                raise ConfigError(f"features and labels{'' if fam == 'y' else f' of {fam}'} differ in length: "
+                                  f"train {len(self.train)} vs {len(train_y)}, validation {len(self.val)} vs {len(val_y)}")
+            counts[fam] = int(max(train_y.max(), val_y.max())) + 1
+            if len(train_y) < 2 * counts[fam] / (1 - holdout):
+                raise ConfigError(f"{len(train_y)} training samples are fewer than the probe needs for {counts[fam]} "
+                                  f"classes (at least {int(2 * counts[fam] / (1 - holdout)) + 1}: two per class to "
+                                  f"fit, plus a {holdout:.0%} held-out part to choose l2)")
+        fams, grid = list(labels), sorted(l2_grid, reverse=True)
+        train_y = torch.stack([labels[f][0] for f in fams]).to(dev)  # (F, n)
+        val_y = torch.stack([labels[f][1] for f in fams]).to(dev)  # (F, m)
+        order = torch.randperm(train_y.shape[1], generator=torch.Generator().manual_seed(seed)).to(dev)
+        n_hold = max(1, int(train_y.shape[1] * holdout))
         hold, rows = order[:n_hold], order[n_hold:]
-        scores, sols, sol = {}, {}, None
-        for l2 in sorted(l2_grid, reverse=True):  # strong to weak, each fit warm-started from the last
-            B, b = _fit(self.train[rows], train_y[rows], num_classes, l2, self.lam, max_iter, sol)
-            sol = sols[l2] = (B, b)
-            scores[l2] = ((self.train[hold] @ B.T + b).argmax(1) == train_y[hold]).float().mean().item()
-        best = max(l2_grid, key=lambda l2: (scores[l2], l2))  # ties: the stronger regulariser
-        B, b = _fit(self.train, train_y, num_classes, best, self.lam, max_iter, sols[best])
-        acc = ((self.val @ B.T + b).argmax(1) == val_y).float().mean().item()
-        return {"acc": acc, "l2": best, "holdout_acc": scores[best]}
+        # problem j = (family j // len(grid), l2 grid[j % len(grid)])
+        ys = train_y.repeat_interleave(len(grid), 0)  # (F * G, n)
+        B, b = _solve(self.train[rows], ys[:, rows], [counts[f] for f in fams for _ in grid], grid * len(fams),
+                    self.lam, max_iter)
+        scores = _accuracy(self.train[hold], B, b, ys[:, hold]).view(len(fams), len(grid)).tolist()
+        best = [max(range(len(grid)), key=lambda i: (s[i], grid[i])) for s in scores]  # ties: the stronger l2
+        pick = torch.tensor([f * len(grid) + i for f, i in enumerate(best)], device=dev)
+        B, b = _solve(self.train, train_y, [counts[f] for f in fams], [grid[i] for i in best], self.lam, max_iter,
+                    (B[pick], b[pick]))
+        acc = _accuracy(self.val, B, b, val_y).tolist()
+        return {f: {"acc": acc[j], "l2": grid[best[j]], "holdout_acc": scores[j][best[j]]} for j, f in enumerate(fams)}
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,

@@ -74,6 +74,14 @@ def default_device() -> str:
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
 
+def compile_module(module: torch.nn.Module) -> None:
+    """torch.compile in place, with static shapes: a run's shapes never change, and in a process that
+    trains several configurations in turn (a notebook, the benchmark) dynamo would otherwise switch to
+    symbolic shapes at the first new one; inductor's backward for such a graph failed on an H200
+    (torch 2.11: "shape '[1728, 384]' is invalid for input of size 320")."""
+    module.compile(dynamic=False)
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -126,7 +134,7 @@ class Trainer:
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 m = DistributedDataParallel(m, device_ids=ids, **_NO_BUFFER_SYNC)
             if self.tcfg.compile:
-                m.compile()
+                compile_module(m)
             wrapped.append(m)
         return wrapped
 
@@ -176,7 +184,7 @@ class Trainer:
                               f"(batch_size={t.batch_size} over {self.world})")
         # the global batch's mask, drawn from (seed, step); this process keeps its rows
         g = step_generator(t.seed + 1, self.step, self.device)
-        mask = tube_mask(t.batch_size, self.mcfg.grid, self.mcfg.mask_ratio, g, self.device)
+        mask = tube_mask(t.batch_size, self.mcfg.grid, self.mcfg.mask_ratio, g, self.device, self.mcfg.dec_keep)
         mask = mask[shard(t.batch_size, self.rank, self.world)]
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:

@@ -135,3 +135,33 @@ def test_gpu_augment_full_box_is_identity_or_mirror():
     mirrored = [torch.equal(o, v.flip(-1)) for o, v in zip(out, video)]
     assert all(m or torch.equal(o, v) for m, o, v in zip(mirrored, out, video))
     assert 4 < sum(mirrored) < 28
+
+
+@pytest.mark.parametrize("repeats, world", [(1, 1), (2, 1), (1, 2)])
+def test_prefetched_batches_equal_the_dataloader_batches(vids, tmp_path, repeats, world):
+    """CacheBatches (threads copying into a reused buffer) gives the clips of DatasetBatches over the
+    same CachedClips, batch for batch, from a resumed step too and for each rank's share; a worker's
+    error reaches the caller with the video's list line."""
+    from bwssl_core.batches import DatasetBatches
+    from bwssl_core.prefetch import CacheBatches
+
+    import shutil
+
+    names = []
+    for k, name in enumerate(["a.mp4", "b.mp4", "wide.mp4"] * 3):
+        names.append(f"{k}{name}")
+        shutil.copy(vids / name, tmp_path / names[-1])
+    write_list(tmp_path / "many.txt", [f"{n} {k % 3}" for k, n in enumerate(names)])
+    cache = build_cache(tmp_path / "many.txt", tmp_path / "cache", decode_size=32)
+    ds = CachedClips(cache, num_frames=4, sampling_rate=3, repeats=repeats, seed=7)
+    ref = DatasetBatches(ds, 4, seed=3, workers=0)
+    fast = CacheBatches(ds, 4, seed=3, threads=3, depth=2)
+    for rank in range(world):
+        for start in (0, 5):
+            want = [b for b, _ in zip(ref(start, rank, world), range(6))]
+            got = [b for b, _ in zip(fast(start, rank, world), range(6))]
+            assert all(torch.equal(w, g) for w, g in zip(want, got)) and len(got) == 6
+            assert got[0].shape == (4 // world * repeats, 3, 4, 32, 32) and got[0].dtype == torch.uint8
+    short = CachedClips(cache, num_frames=8, sampling_rate=3)  # 24 frames: a.mp4 (24) and wide.mp4 (20) are short
+    with pytest.raises(DataError, match=r"many\.txt:\d: .*fewer than the 24"):
+        next(iter(CacheBatches(short, 4, threads=2)()))

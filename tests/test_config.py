@@ -28,6 +28,8 @@ def test_blocks_and_partition():
     (dict(img_size=100), ["img_size=100", "multiple of patch_size=16"]),
     (dict(num_frames=15), ["num_frames=15", "multiple of tubelet_size=2"]),
     (dict(mask_ratio=1.0), ["mask_ratio=1.0"]),
+    (dict(dec_keep=0.0), ["dec_keep=0.0", "(0, 1]"]),
+    (dict(dec_keep=1.5), ["dec_keep=1.5"]),
     (dict(embed_dim=770), ["embed_dim=770", "num_heads=12"]),
     (dict(pos_embed="2d"), ["pos_embed='2d'"]),
 ])

@@ -19,7 +19,7 @@ def test_hand_count_tiny(tiny):
     """tiny: 4 x 32 x 32 clips, tubes 2 x 8 x 8 x 3 = 384 pixels, grid 2 x 4 x 4 = 32 tokens, mask 0.75
     keeps 4 of 16 positions per slice: 8 visible, 24 hidden. Width 32 (MLP 128), decoder 16 (MLP 64)."""
     f = train_step_flops(tiny(partition=(1, 3)), batch=2)
-    embed = 2 * 32 * 384 * 32  # all 32 tubes
+    embed = 2 * 8 * 384 * 32  # the 8 visible tubes
     enc_layer = (2 * 8 * 32 * 96  # qkv on 8 visible tokens
                  + 2 * 2 * 8 * 8 * 32  # q k^T and a v
                  + 2 * 8 * 32 * 32  # proj
@@ -27,20 +27,27 @@ def test_hand_count_tiny(tiny):
     decoder = (2 * 8 * 32 * 16  # embed the visible features
                + 2 * 32 * 16 * 48 + 2 * 2 * 32 * 32 * 16 + 2 * 32 * 16 * 16 + 2 * 2 * 32 * 16 * 64  # 1 layer, 32 tokens
                + 2 * 24 * 16 * 384)  # head on the 24 hidden tokens
-    assert (embed, enc_layer, decoder) == (786_432, 204_800, 565_248)
+    assert (embed, enc_layer, decoder) == (196_608, 204_800, 565_248)
     block0 = 2 * (2 * embed + 3 * (enc_layer + decoder))  # batch 2; the video needs no gradient
     block1 = 2 * 3 * (3 * enc_layer + decoder)
-    assert f["blocks"] == [block0, block1] == [7_766_016, 7_077_888]
+    assert f["blocks"] == [block0, block1] == [5_406_720, 7_077_888]
     assert f["total"] == block0 + block1 and f["per_clip"] == (block0 + block1) / 2
     assert f["embed"] == 2 * 2 * embed and f["enc_attention"] == 2 * 3 * 4 * (2 * 2 * 8 * 8 * 32)
     parts = sum(v for k, v in f.items() if k not in ("blocks", "total", "per_clip"))
     assert parts == f["total"]
     assert mfu(f["total"] / 0.5, 1e9) == pytest.approx(f["total"] * 2 / 1e9)
+    # decoder masking: each decoder reconstructs 12 of the 24 hidden tokens, so runs on 8 + 12
+    half = (2 * 8 * 32 * 16 + 2 * 20 * 16 * 48 + 2 * 2 * 20 * 20 * 16 + 2 * 20 * 16 * 16 + 2 * 2 * 20 * 16 * 64
+            + 2 * 12 * 16 * 384)
+    assert half == 304_128
+    g = train_step_flops(tiny(partition=(1, 3), dec_keep=0.5), batch=2)
+    assert g["blocks"] == [2 * (2 * embed + 3 * (enc_layer + half)), 2 * 3 * (3 * enc_layer + half)]
 
 
 @pytest.mark.parametrize("kw, memory", [(dict(), False), (dict(partition=(1, 3)), True),
                                         (dict(partition=(2, 2), dec_shared=True), False),
-                                        (dict(partition=(1, 1, 2), mlp_ratio=2.0, mask_ratio=0.5), True)])
+                                        (dict(partition=(1, 1, 2), mlp_ratio=2.0, mask_ratio=0.5), True),
+                                        (dict(partition=(2, 2), dec_keep=0.4), True)])
 def test_equals_torch_flop_counter(tiny, clips, kw, memory):
     """FlopCounterMode on a real forward and backward. It counts matmuls, convolutions and fused
     attention kernels, but not the CPU flash-attention kernel that scaled_dot_product_attention
@@ -49,7 +56,7 @@ def test_equals_torch_flop_counter(tiny, clips, kw, memory):
     cfg = tiny(**kw)
     model = VideoMAE(cfg)
     video = clips(batch=2, cfg=cfg)
-    mask = tube_mask(2, cfg.grid, cfg.mask_ratio, torch.Generator().manual_seed(0))
+    mask = tube_mask(2, cfg.grid, cfg.mask_ratio, torch.Generator().manual_seed(0), dec_keep=cfg.dec_keep)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         losses = model(video, mask, backward=(lambda k, loss: loss.backward()) if memory else None)
         if not memory:

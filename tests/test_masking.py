@@ -53,3 +53,35 @@ def test_target_normalised_per_tube_and_channel():
     assert torch.allclose(target.mean(2), torch.zeros(2, 3, 3), atol=1e-5)
     plain = tube_target(pixels, ids, 2, 8, normalize=False).view(2, 3, 128, 3)
     torch.testing.assert_close(plain[1, 0, :, 0], tube)
+
+
+def test_decoder_masking_draws_a_subset_of_the_hidden_tokens_after_the_same_mask():
+    """dec_keep < 1 leaves the tube mask as it was (the decoder's subset is drawn after it) and picks
+    round(N_mask * dec_keep) of the hidden tokens per clip, ascending, different across clips; a row
+    slice keeps the rows of all three."""
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    full, half = tube_mask(5, (4, 6, 6), 0.75, g()), tube_mask(5, (4, 6, 6), 0.75, g(), dec_keep=0.5)
+    assert full.ids_decode is None and full.decode is full.ids_mask
+    assert torch.equal(full.ids_keep, half.ids_keep) and torch.equal(full.ids_mask, half.ids_mask)
+    assert half.decode.shape == (5, 54)  # 108 hidden, half of them
+    assert all(set(d.tolist()) <= set(m.tolist()) for d, m in zip(half.decode, half.ids_mask))
+    assert (half.decode.diff(dim=1) > 0).all()
+    assert len({tuple(r) for r in half.decode.tolist()}) == 5
+    assert torch.equal(half[1:3].decode, half.decode[1:3])
+
+
+def test_model_loss_covers_only_the_decoded_tokens(tiny, clips):
+    """With decoder masking the loss is the MSE over the decoded subset of the hidden tubes: it equals
+    the full model's loss computed with a mask whose hidden set is that subset for the decoder."""
+    from bwssl_core import VideoMAE
+
+    cfg = tiny(dec_keep=0.5)
+    model, video = VideoMAE(cfg), clips()
+    mask = tube_mask(4, cfg.grid, cfg.mask_ratio, torch.Generator().manual_seed(0), dec_keep=0.5)
+    (loss,) = model(video, mask)
+    x, z = model.stages[0](video, mask.ids_keep)
+    for stage in model.stages[1:]:
+        x, z = stage(x)
+    pred = model.decoders[0](z, mask.ids_keep, mask.ids_decode)
+    assert pred.shape[1] == cfg.num_decoded == 12
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, model.target(video, mask.ids_decode)))

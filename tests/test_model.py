@@ -14,6 +14,7 @@ from bwssl_core.masking import tube_mask
     dict(partition=(1, 2, 1), dec_shared=True),
     dict(partition=(1, 1, 1, 1), dec_norm=False, norm_target=False),
     dict(pos_embed="1d", dec_depth=2, dec_dim=24, dec_heads=3),
+    dict(partition=(2, 2), dec_keep=0.5),
 ])
 def test_every_parameter_learns_and_losses_are_finite(tiny, clips, kw):
     model = VideoMAE(tiny(**kw))
@@ -33,6 +34,18 @@ def test_decoder_predicts_masked_tubes(tiny, clips):
     assert x.shape == (4, c.num_visible, c.embed_dim)
     pred = model.decoders[0](z, mask.ids_keep, mask.ids_mask)
     assert pred.shape == (4, c.num_tokens - c.num_visible, c.tube_dim)
+
+
+def test_visible_tubes_embed_as_the_convolution_does(tiny, clips):
+    """Embedding only the visible tubes (gather, then one matmul) equals the tubelet convolution over
+    the whole clip followed by the gather."""
+    model = VideoMAE(tiny())
+    c, video = model.cfg, clips()
+    mask = tube_mask(4, c.grid, c.mask_ratio, torch.Generator().manual_seed(0))
+    embed = model.stages[0].embed
+    every = embed(video)  # (B, L, D) by the convolution
+    ids = mask.ids_keep[:, :, None].expand(-1, -1, c.embed_dim)
+    torch.testing.assert_close(embed(video, mask.ids_keep), every.gather(1, ids), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_path_matches_sdpa(tiny, clips):

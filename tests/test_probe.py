@@ -152,3 +152,59 @@ def test_depthwise_shares_the_random_init_control_across_partitions(tmp_path, ti
     assert len(list(tmp_path.glob("*.pt"))) == 8  # only the BWSSL run's own features and probes are new
     assert second["random_init"] == first["random_init"] and second["pixels"] == first["pixels"]
     assert second["trained"] != first["trained"] and len(first["trained"]["attentive"]["a"]["acc"]) == 1
+
+
+@pytest.mark.parametrize("grid", [(2, 4, 6), (2, 3, 5)])  # equal cells (a plain reduction), and adaptive ones
+def test_pooling_matches_adaptive_pooling_and_accumulates_bf16_in_float32(grid):
+    T, H, W = grid
+    x = torch.randn(3, T * H * W, 8, generator=torch.Generator().manual_seed(0))
+    ref = torch.nn.functional.adaptive_avg_pool3d(x.view(3, T, H, W, 8).permute(0, 4, 1, 2, 3), (T, 2, 2))
+    torch.testing.assert_close(pool_tokens(x, grid, "grid"), ref.permute(0, 2, 3, 4, 1).flatten(1))
+    for kind in ("mean", "slices", "grid"):
+        half = pool_tokens(x.bfloat16(), grid, kind)
+        assert half.dtype == torch.float32
+        torch.testing.assert_close(half, pool_tokens(x.bfloat16().float(), grid, kind))
+
+
+def test_joint_solve_equals_one_problem_at_a_time_and_absent_classes_never_win():
+    """The GPU path (one L-BFGS over every (family, l2)) and the CPU path (one at a time) reach the
+    same minimum; a family with fewer classes than another is never predicted an absent class."""
+    from bwssl_core.probe import ProbeSpace, _accuracy, _fit
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 20, generator=g).double()
+    y8 = (x[:, :8] + 0.5 * torch.randn(600, 8, generator=g).double()).argmax(1)
+    y3 = (x[:, 8:11] - 3).argmax(1)  # 3 classes, logits all far below zero before the bias
+    space = ProbeSpace(x, x[:10])
+    ys, counts, l2 = torch.stack([y8, y3, y3]), [8, 3, 3], [1e-2, 1e-2, 1e-4]
+    B, b = _fit(space.train, ys, counts, l2, space.lam, max_iter=500)
+    for j in range(3):
+        Bj, bj = _fit(space.train, ys[j:j + 1], counts[j:j + 1], l2[j:j + 1], space.lam, max_iter=500)
+        prob = lambda B, b: (space.train @ B.T + b).softmax(1)  # noqa: E731 (weights agree to the tolerance)
+        torch.testing.assert_close(prob(B[j, :counts[j]], b[j, :counts[j]]), prob(Bj[0], bj[0]), atol=5e-3, rtol=0)
+    assert torch.isinf(b[1:, 3:]).all() and torch.isfinite(b[0]).all()
+    pred = (torch.einsum("nr,jcr->jnc", space.train, B) + b[:, None]).argmax(-1)
+    assert pred[1:].max() < 3
+    acc = _accuracy(space.train, B, b, ys)
+    assert acc.shape == (3,) and (acc > 0.5).all()
+
+
+def test_probe_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/bench_probe.py at tiny size: timings for the features and each pooling's probes, and
+    a best-layer accuracy for every label family."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from bwssl_core.synth import FAMILIES
+
+    spec = importlib.util.spec_from_file_location("bench_probe", Path(__file__).parents[1] / "benchmarks" / "bench_probe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "probe.json"
+    bench.main(["--preset", "tiny", "--clips", "120", "--poolings", "mean", "grid", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["features_s"] > 0 and set(result["probes_s"]) == {"mean", "grid"}
+    assert result["total_s"] == pytest.approx(result["features_s"] + sum(result["probes_s"].values()))
+    assert set(result["best_acc"]["grid"]) == set(FAMILIES)
+    assert all(0 <= a <= 1 for a in result["best_acc"]["mean"].values())

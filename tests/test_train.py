@@ -156,9 +156,11 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     assert steps == [2, 4, 6, 8]  # the lines past the checkpoint were replaced, not repeated
 
 
-def test_compiled_blocks_train_like_eager(tiny, tmp_path):
-    """--compile: every block and decoder through torch.compile (inductor on the CPU here)."""
-    cfg = tiny(partition=(2, 2))
+@pytest.mark.parametrize("dec_keep", [1.0, 0.5])  # in turn in one process: the decoders' token count changes
+def test_compiled_blocks_train_like_eager(tiny, tmp_path, dec_keep):
+    """--compile: every block and decoder through torch.compile (inductor on the CPU here), also for a
+    second configuration compiled in the same process."""
+    cfg = tiny(partition=(2, 2), dec_keep=dec_keep)
     video = MovingShapes(cfg, 4).batch(0)
     weights, losses = {}, {}
     for compiled in (False, True):

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 4 and 6 in one run, each step under its own time limit so that one that
+# fails or overruns leaves the others' results. JSON and one log go to $OUT (the device tool's result
+# folder) or runs/gpu-check. SMOKE=1 runs every step at a tiny size (to try the script on a CPU).
+#
+#   bash benchmarks/gpu_check.sh [STEP ...]
+# steps: pretrain compiled probe loader (default), lean profile loader160 (the second run's extras)
+set -u
+OUT=${OUT:-runs/gpu-check}
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+LOG=$OUT/gpu_check.log
+if [ "${SMOKE:-0}" = 1 ]; then
+  P=tiny; B=4; STEPS="--steps 1 --warmup 0 --repeats 1 --peak-n 256"; CLIPS=200; VIDEOS=12; SIZE=32; W="0 2"
+else
+  P=vit_b; B=64; STEPS="--steps 10 --warmup 3 --repeats 3"; CLIPS=10000; VIDEOS=192; SIZE=224; W="8 16"
+fi
+
+run() {  # run NAME LIMIT_S COMMAND...: one step, its output appended to the log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit} s) $(date +%T)" | tee -a "$LOG"
+  local tic=$SECONDS
+  timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1
+  echo "== $name: rc=$? in $((SECONDS - tic)) s" | tee -a "$LOG"
+}
+
+steps=${*:-pretrain compiled probe loader}
+{ date -Is; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+  python3 -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1; } | tee -a "$LOG"
+for step in $steps; do
+  case $step in
+    pretrain)  # eager: HF sdpa, E2E, K=4 every variant, K=2, 6, 12 with per-block backward
+      run pretrain 170 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 2 4 6 12 \
+        --variant-blocks 4 --per-block 4 --out "$OUT/pretrain.json" ;;
+    compiled)  # torch.compile: E2E and K=4 with 1-layer decoders
+      run compiled 150 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 4 \
+        --variants light --compile --no-hf --out "$OUT/pretrain_compiled.json" ;;
+    probe)  # features plus probes, all layers, over 10,000 clips
+      run probe 100 python3 benchmarks/bench_probe.py --preset $P --clips $CLIPS --out "$OUT/probe.json" ;;
+    loader)  # decord, cache + CPU transform, cache -> GPU (+ gpu_augment) at the training batch
+      run loader 60 python3 benchmarks/bench_loader.py --videos $VIDEOS --size $SIZE --batch-size $B \
+        --workers $W --epochs 6 --out "$OUT/loader.json" ;;
+    loader160)  # the same with frames stored at 160 x 160 (half the bytes), gpu_augment back up to 224
+      run loader160 45 python3 benchmarks/bench_loader.py --videos $VIDEOS --size $SIZE --decode-size $((SIZE * 5 / 7)) \
+        --batch-size $B --workers 16 --epochs 6 --out "$OUT/loader160.json" ;;
+    lean)  # compiled, HF anchor beside: E2E, K=4 with 4-layer decoders, 1-layer ones, 1-layer on half the hidden tubes
+      run lean 170 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 4 \
+        --variants memory light lean --compile --out "$OUT/pretrain_lean.json" ;;
+    profile)  # where a compiled E2E step spends its time, with flash and with cuDNN attention
+      run profile 80 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 1 --compile \
+        --no-hf --profile e2e --out "$OUT/profile_flash.json" --sdpa flash
+      run profile-cudnn 50 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 1 --compile \
+        --no-hf --out "$OUT/profile_cudnn.json" --sdpa cudnn flash ;;
+    *) echo "unknown step $step" | tee -a "$LOG" ;;
+  esac
+done
+echo "== summary" | tee -a "$LOG"
+grep -h -E "^(preset|vit_|tiny|measured|all poolings|path|VideoClips|CachedClips|cache build)" "$LOG"
