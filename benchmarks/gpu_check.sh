@@ -4,7 +4,8 @@
 # folder) or runs/gpu-check. SMOKE=1 runs every step at a tiny size (to try the script on a CPU).
 #
 #   bash benchmarks/gpu_check.sh [STEP ...]
-# steps: pretrain compiled probe loader (default), lean profile loader160 (the second run's extras)
+# steps: pretrain compiled probe loader (default), lean profile loader160 (the second run's extras),
+# study (the GPU study of issue 5). Wheels the device lacks: benchmarks/device_wheels.sh.
 set -u
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
@@ -53,6 +54,12 @@ for step in $steps; do
         --no-hf --profile e2e --out "$OUT/profile_flash.json" --sdpa flash
       run profile-cudnn 50 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 1 --compile \
         --no-hf --out "$OUT/profile_cudnn.json" --sdpa cudnn flash ;;
+    study)  # the GPU study (issue 5): clips kept as tensors, so no video codec is needed there
+      if [ "${SMOKE:-0}" = 1 ]; then scale=smoke; else scale=gpu; fi
+      run study 560 python3 -m bwssl_core study --scale $scale --out runs/study-device
+      mkdir -p "$OUT/study"
+      cp runs/study-device/report.html runs/study-device/FAILED.json "$OUT/study/" 2>/dev/null
+      python3 -c "import json, glob; json.dump({p: json.load(open(p)) for p in sorted(glob.glob('runs/study-device/results/*.json'))}, open('$OUT/study/results.json', 'w'))" ;;
     *) echo "unknown step $step" | tee -a "$LOG" ;;
   esac
 done

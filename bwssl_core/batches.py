@@ -56,18 +56,30 @@ def shard(global_batch: int, rank: int, world: int) -> slice:
     return slice(rank * b, (rank + 1) * b)
 
 
+def load_clip_tensors(path: str | Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A tensor file of clips: uint8 (N, T, H, W, C) as decoders return them, alone or as
+    {"clips": ..., "labels": {family: (N,)}} (`bwssl synth --format tensor`). Returns (clips, labels)."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"{path}: cannot load clips ({err.__class__.__name__}: {err})") from None
+    clips, labels = (obj.get("clips"), obj.get("labels") or {}) if isinstance(obj, dict) else (obj, {})
+    if not (isinstance(clips, torch.Tensor) and clips.dtype == torch.uint8 and clips.dim() == 5):
+        raise ConfigError(f"{path}: expected a uint8 tensor (N, T, H, W, C), got "
+                          f"{getattr(clips, 'dtype', type(clips).__name__)} {tuple(getattr(clips, 'shape', ()))}")
+    bad = [k for k, y in labels.items() if not (isinstance(y, torch.Tensor) and y.shape == (len(clips),))]
+    if bad:
+        raise ConfigError(f"{path}: labels {bad} are not one integer per clip ({len(clips)} clips)")
+    return clips, labels
+
+
 class ClipTensorFile:
-    """Clips from a tensor file: uint8 (N, T, H, W, C) as decoders return them, shuffled each epoch."""
+    """Clips from a tensor file (see load_clip_tensors), shuffled each epoch."""
 
     def __init__(self, path: str | Path, batch_size: int, seed: int = 0, device="cpu"):
         path = Path(path)
-        try:
-            clips = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ConfigError(f"{path}: cannot load clips ({err.__class__.__name__}: {err})") from None
-        if not (isinstance(clips, torch.Tensor) and clips.dtype == torch.uint8 and clips.dim() == 5):
-            raise ConfigError(f"{path}: expected a uint8 tensor (N, T, H, W, C), got "
-                              f"{getattr(clips, 'dtype', type(clips).__name__)} {tuple(getattr(clips, 'shape', ()))}")
+        clips, _ = load_clip_tensors(path)
         if len(clips) < batch_size:
             raise ConfigError(f"{path}: {len(clips)} clips, fewer than batch_size={batch_size}")
         self.clips, self.batch_size, self.seed, self.device = clips, batch_size, seed, device

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, help="processes (default: all cores)")
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--format", default="mp4", choices=["mp4", "tensor"],
+                   help="mp4 clips and list files, or uint8 clip tensors with labels (train.pt, val.pt: no codec needed)")
 
     c = sub.add_parser("cache", help="decode a data set once into a memory-mapped clip cache",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -129,7 +131,10 @@ def cmd_synth(args) -> None:
     if args.size % 2:
         raise ConfigError(f"--size={args.size}: expected an even size")
     cfg = SynthConfig(size=args.size, frames=args.frames, distractor=args.distractor, noise=args.noise)
-    out = write_dataset(args.out, args.n_train, args.n_val, cfg, args.seed, args.workers, args.overwrite)
+    from .train import default_device
+
+    out = write_dataset(args.out, args.n_train, args.n_val, cfg, args.seed, args.workers, args.overwrite,
+                        fmt=args.format, device=default_device())
     print(json.dumps({"out": str(out), "n_train": args.n_train, "n_val": args.n_val}))
 
 
@@ -143,6 +148,8 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
     if args.data == "synthetic":
         return MovingShapes(mcfg, tcfg.batch_size, tcfg.seed, device)
     path = Path(args.data)
+    if path.is_dir() and (path / "train.pt").exists() and not (path / "train.csv").exists():
+        path = path / "train.pt"  # a folder of clip tensors (bwssl synth --format tensor)
     if path.suffix == ".pt":
         source = ClipTensorFile(path, tcfg.batch_size, tcfg.seed)
         if source.clip_shape() != expected:

@@ -19,10 +19,13 @@ from .probe import POOLINGS, ProbeSpace, feature_precision, layer_features, pixe
 def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: int | None = None):
     """One centre clip per video of `data/<split>.csv` as uint8 (N, C, T, H, W), and its labels:
     every family of metadata.csv when the folder has one (as `bwssl synth` writes), else the list
-    file's {"label": ...}."""
+    file's {"label": ...}. A folder of clip tensors (`bwssl synth --format tensor`: <split>.pt) gives
+    its clips, resized as decoded ones would be, and its labels."""
     from .video import VideoClips, eval_transform
 
     data = Path(data)
+    if (data / f"{split}.pt").exists() and not (data / f"{split}.csv").exists():
+        return _tensor_split(data / f"{split}.pt", cfg)
     rate = sampling_rate or (1 if (data / "synth.json").exists() else 4)
     clips = VideoClips(data / f"{split}.csv", num_frames=cfg.num_frames, sampling_rate=rate, mode="eval",
                        transform=eval_transform(cfg.img_size))
@@ -38,6 +41,26 @@ def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: in
         for fam in families:
             labels[fam] = torch.tensor([int(rows[e.path.resolve()][fam]) for e in entries])
     return video, labels
+
+
+def _tensor_split(path: Path, cfg: ModelConfig) -> tuple[torch.Tensor, dict]:
+    from torchvision import tv_tensors
+
+    from .batches import load_clip_tensors
+    from .video import clip_indices, clip_starts, eval_transform
+
+    clips, labels = load_clip_tensors(path)  # (N, T, H, W, C)
+    if clips.shape[1] < cfg.num_frames:
+        raise ConfigError(f"{path}: clips of {clips.shape[1]} frames, fewer than num_frames={cfg.num_frames}")
+    if not labels:
+        raise ConfigError(f"{path}: no labels (expected {{'clips': ..., 'labels': {{family: (N,)}}}})")
+    # the centre num_frames, as decoding a synthetic mp4 gives (sampling rate 1, one centre clip)
+    frames = clip_indices(clip_starts(clips.shape[1], cfg.num_frames, 1, train=False), cfg.num_frames, 1)[0]
+    video = clips[:, torch.from_numpy(frames)].permute(0, 1, 4, 2, 3)  # (N, T, C, H, W)
+    if video.shape[-2:] != (cfg.img_size, cfg.img_size):
+        transform = eval_transform(cfg.img_size)
+        video = torch.stack([transform(tv_tensors.Video(v)) for v in video]).as_subclass(torch.Tensor)
+    return video.permute(0, 2, 1, 3, 4).contiguous(), labels  # (N, C, T, H, W)
 
 
 def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings=POOLINGS, seed: int = 0,

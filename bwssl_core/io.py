@@ -51,6 +51,11 @@ def save_text(path: Path, text: str) -> None:
     _atomic(path, lambda f: f.write(text.encode()))
 
 
+def save_tensors(path: Path, obj) -> None:
+    """torch.save, atomically (a tensor file such as a synthetic data split)."""
+    _atomic(Path(path), lambda f: torch.save(obj, f))
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     _atomic(path, lambda f: torch.save({"version": CHECKPOINT_VERSION, **state}, f))
 

@@ -57,7 +57,7 @@ class CacheBatches:
 
     def __call__(self, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
         ds, cuda = self.dataset, self.device.type == "cuda"
-        ds.frames  # open the memory map here, not in several threads at once
+        _ = ds.frames  # open the memory map here, not in several threads at once
         b = self.batch_size // world
         rows = shard(self.batch_size, rank, world)
         shape = (b * ds.repeats, ds.num_frames, *ds.shape[1:])  # (B, T, H, W, C)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .io import RunError, save_json
+from .io import RunError, save_json, save_tensors
 
 MOTIONS = ("right", "left", "down", "up", "clockwise", "anticlockwise", "expand", "contract")
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -216,15 +216,45 @@ def split_factors(n: int, cfg: SynthConfig, seed: int, split: str) -> dict[str, 
     return sample_factors(n, cfg, g)
 
 
+FORMATS = ("mp4", "tensor")
+
+
+def holds_dataset(folder: str | Path) -> bool:
+    """Whether `folder` holds a data set: list files (train.csv) or synthetic clip tensors (train.pt)."""
+    return (Path(folder) / "train.csv").exists() or (Path(folder) / "train.pt").exists()
+
+
+def _write_tensors(out: Path, n_train: int, n_val: int, cfg: SynthConfig, seed: int, device, chunk: int = 256) -> None:
+    """{split}.pt: {"clips": uint8 (N, T, H, W, C), "labels": {family: (N,)}}, rendered on `device`."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        f = split_factors(n, cfg, seed, split)
+        clips = torch.cat([render({k: v[s:s + chunk] for k, v in f.items()}, cfg, device).cpu()
+                           for s in range(0, n, chunk)])
+        save_tensors(out / f"{split}.pt", {"clips": clips, "labels": labels(f)})
+
+
 def write_dataset(out: str | Path, n_train: int = 2000, n_val: int = 500, cfg: SynthConfig = SynthConfig(),
-                  seed: int = 0, workers: int | None = None, overwrite: bool = False, chunk: int = 32) -> Path:
-    """Write mp4 clips, VideoMAE list files (train.csv, val.csv: `path motion`) and metadata.csv
-    (every label family per clip) into `out`, rendering in parallel on all cores."""
+                  seed: int = 0, workers: int | None = None, overwrite: bool = False, chunk: int = 32,
+                  fmt: str = "mp4", device=None) -> Path:
+    """Write the data set into `out`. fmt "mp4": mp4 clips, VideoMAE list files (train.csv, val.csv:
+    `path motion`) and metadata.csv (every label family per clip), rendered in parallel on all cores.
+    fmt "tensor": the same clips (rendered on `device`, default the CPU) as uint8 tensors with their
+    labels in train.pt and val.pt, which need no video codec to write or read."""
     import os
 
     out = Path(out)
-    if (out / "train.csv").exists() and not overwrite:
-        raise RunError(f"{out} already holds a data set (train.csv): choose another --out or pass --overwrite")
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r}: expected one of {', '.join(FORMATS)}")
+    if holds_dataset(out) and not overwrite:
+        raise RunError(f"{out} already holds a data set: choose another --out or pass --overwrite")
+    info = {"config": asdict(cfg), "seed": seed, "n_train": n_train, "n_val": n_val, "format": fmt,
+            "families": {k: n for k, n in FAMILIES.items()}, "motions": MOTIONS, "shapes": SHAPES,
+            "primary": "motion"}
+    if fmt == "tensor":
+        out.mkdir(parents=True, exist_ok=True)
+        _write_tensors(out, n_train, n_val, cfg, seed, device)
+        save_json(out / "synth.json", info)
+        return out
     workers = workers or os.cpu_count() or 1
     jobs, rows = [], []
     for split, n in (("train", n_train), ("val", n_val)):
@@ -248,22 +278,22 @@ def write_dataset(out: str | Path, n_train: int = 2000, n_val: int = 500, cfg: S
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    save_json(out / "synth.json", {"config": asdict(cfg), "seed": seed, "n_train": n_train, "n_val": n_val,
-                                   "families": {k: n for k, n in FAMILIES.items()}, "motions": MOTIONS,
-                                   "shapes": SHAPES, "primary": "motion"})
+    save_json(out / "synth.json", info)
     return out
 
 
-def ensure_dataset(out: str | Path, n_train: int, n_val: int, cfg: SynthConfig = SynthConfig(), seed: int = 0) -> Path:
+def ensure_dataset(out: str | Path, n_train: int, n_val: int, cfg: SynthConfig = SynthConfig(), seed: int = 0,
+                   fmt: str = "mp4", device=None) -> Path:
     """The synthetic set in `out`: written when the folder has none; a folder `bwssl synth` wrote
     with other settings is refused (naming them) rather than silently used; a folder of one's own
     videos (no synth.json) is taken as it is."""
     out = Path(out)
-    if not (out / "train.csv").exists():
-        return write_dataset(out, n_train, n_val, cfg, seed)
+    if not holds_dataset(out):
+        return write_dataset(out, n_train, n_val, cfg, seed, fmt=fmt, device=device)
     if (out / "synth.json").exists():
         have = json.loads((out / "synth.json").read_text())
-        want = {"config": asdict(cfg), "seed": seed, "n_train": n_train, "n_val": n_val}
+        have.setdefault("format", "mp4")  # written before there was a choice
+        want = {"config": asdict(cfg), "seed": seed, "n_train": n_train, "n_val": n_val, "format": fmt}
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if diff:
             raise ConfigError(f"{out} holds a synthetic set made with other settings ("

@@ -74,6 +74,16 @@ def default_device() -> str:
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
 
+def with_defaults(config: dict) -> dict:
+    """A run's saved config with the fields its version did not have yet (added since, with defaults
+    that keep the old behaviour, like model.dec_keep) set to those defaults."""
+    out = dict(config)
+    for key, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        if isinstance(out.get(key), dict):
+            out[key] = {**to_dict(cls()), **out[key]}
+    return out
+
+
 def compile_module(module: torch.nn.Module) -> None:
     """torch.compile in place, with static shapes: a run's shapes never change, and in a process that
     trains several configurations in turn (a notebook, the benchmark) dynamo would otherwise switch to
@@ -142,9 +152,9 @@ class Trainer:
         ckpt = self.out / "checkpoint.pt"
         if resume:
             state = load_checkpoint(ckpt, map_location=self.device)
-            saved = {k: v for k, v in state["config"].items() if k != "train"}
+            saved = with_defaults(state["config"])
             now = {k: v for k, v in self.config.items() if k != "train"}
-            saved["train"] = {k: v for k, v in state["config"]["train"].items() if k not in RESUMABLE}
+            saved["train"] = {k: v for k, v in saved["train"].items() if k not in RESUMABLE}
             now["train"] = {k: v for k, v in self.config["train"].items() if k not in RESUMABLE}
             diff = config_diff(saved, now)
             if diff:

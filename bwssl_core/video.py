@@ -13,9 +13,8 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import decord
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -25,6 +24,9 @@ from torchvision.transforms import v2
 from .config import ConfigError
 from .io import save_text
 from .listfile import DataError, VideoEntry, file_problem, parse_list_file
+
+if TYPE_CHECKING:
+    import decord
 
 Size = int | tuple[int, int]
 
@@ -47,7 +49,10 @@ def _reason(err: BaseException) -> str:
 
 
 def open_video(path: Path, decode_size: Size | None = None) -> decord.VideoReader:
-    """The one decord call used to read videos (VideoClips and the clip cache)."""
+    """The one decord call used to read videos (VideoClips and the clip cache). decord is imported
+    here, not with the module, so that clip tensors and caches need no video codec."""
+    import decord
+
     hw = _pair(decode_size)
     if hw is None:
         return decord.VideoReader(str(path), num_threads=1)

@@ -44,6 +44,7 @@ data = "data/synth"  # data folder with train.csv / val.csv; made by the synthet
 n_train = 2000  # clips the generator makes when `data` is missing
 n_val = 500
 synth_size = 64  # frame size of generated clips
+data_format = "mp4"  # how generated clips are stored: "mp4" (list files, decoded with decord) or "tensor"
 preset = "cpu"  # model size: cpu (2-core CPU), tiny (tests), vit_s, vit_b, ... (GPU)
 blocks = [1, 2]  # partition granularities: 1 is E2E, K > 1 is BWSSL with K equal blocks
 steps = 1600  # optimiser steps per run
@@ -52,6 +53,7 @@ lr = 1e-3  # peak learning rate (after warmup)
 warmup_steps = 160
 plain_target = True  # plain-pixel target (learns faster at CPU scale) instead of VideoMAE's normalised one
 mask_ratio = 0.9
+dec_keep = 1.0  # fraction of the hidden tubes each decoder reconstructs (VideoMAE V2's decoder masking)
 seed = 0
 device = "auto"  # "auto": the local GPU if any, else the CPU
 recon_clips = 1  # validation clips whose per-block reconstructions are drawn
@@ -68,7 +70,7 @@ print(P, "device", dev)
 # and position, with nuisances varied independently (REFERENCE section 7).
 
 # %%
-ensure_dataset(data, n_train, n_val, SynthConfig(size=synth_size))  # made if missing, checked if not
+ensure_dataset(data, n_train, n_val, SynthConfig(size=synth_size), fmt=data_format, device=dev)  # made if missing
 cfg0 = model_config(preset, mask_ratio=mask_ratio, norm_target=not plain_target)
 clips, _ = load_split(data, "train", cfg0)
 val_clips, _ = load_split(data, "val", cfg0)
@@ -82,7 +84,7 @@ print("train clips", tuple(clips.shape), "validation clips", tuple(val_clips.sha
 summary = {}
 for k in blocks:
     name = run_name(k)
-    mcfg = model_config(preset, blocks=k, mask_ratio=mask_ratio, norm_target=not plain_target)
+    mcfg = model_config(preset, blocks=k, mask_ratio=mask_ratio, norm_target=not plain_target, dec_keep=dec_keep)
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, base_lr=lr * 256 / batch_size, warmup_steps=warmup_steps,
                        log_every=max(1, steps // 40), ckpt_every=max(1, steps // 4), seed=seed)
     last = train_run(run_dir(study, name), mcfg, tcfg, clips, dev, extra={"data": data, "preset": preset})

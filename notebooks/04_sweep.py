@@ -55,8 +55,6 @@ print("points", by_preset, "training parameters from notebook 01:", main)
 # ## Run every point
 
 # %%
-train_keys = ("data", "n_train", "n_val", "synth_size", "steps", "batch_size", "lr", "warmup_steps", "plain_target",
-              "mask_ratio", "seed")
 results = {}  # preset -> its 02_probe results
 for preset, ks in by_preset.items():
     names = [run_name(k) for k in sorted(ks)]
@@ -67,8 +65,8 @@ for preset, ks in by_preset.items():
     reuse = [n for n in names if preset == main["preset"] and run_dir(study, n).exists()]
     folder = point_folder(study, preset, reuse)
     run_notebook("01_pretrain", folder / "01_pretrain.ipynb",
-                 {**{k: main[k] for k in train_keys}, "study": str(folder), "preset": preset, "blocks": sorted(ks),
-                  "device": device, "recon_clips": 0}, failure=folder / "FAILED.json")
+                 {**main, "study": str(folder), "preset": preset, "blocks": sorted(ks), "device": device,
+                  "recon_clips": 0}, failure=folder / "FAILED.json")  # notebook 01's parameters, but these
     run_notebook("02_probe", folder / "02_probe.ipynb",
                  {"study": str(folder), "data": main["data"], "runs": names, "reference": names[0],
                   "families": families, "poolings": poolings, "attentive_layers": [], "cka_batch": cka_batch,

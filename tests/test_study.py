@@ -25,8 +25,10 @@ def test_every_notebook_is_paired_and_in_sync():
 
 
 def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
+    """(With the data as clip tensors, as the GPU study keeps them; the notebooks' own tests and the
+    browser test read mp4 data.)"""
     out, data = tmp_path / "study", tmp_path / "data"
-    params = {**SMOKE, "data": str(data), "points": ["tiny:1", "tiny:4"]}
+    params = {**SMOKE, "data": str(data), "data_format": "tensor", "points": ["tiny:1", "tiny:4"]}
     with pytest.raises(RunError, match="notebook 02_probe failed in cell"):
         run_study(out, {**params, "families": ["texture"]})
     failed = json.loads((out / "FAILED.json").read_text())
@@ -36,8 +38,9 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     first = (out / "01_pretrain.ipynb").stat().st_mtime_ns
     with pytest.raises(RunError, match="already holds a study"):
         run_study(out, params)  # never silently over a study
-    assert main(["study", "--smoke", "--resume", "--out", str(out), "-p", "data", str(data),
-                 "-p", "points", "['tiny:1', 'tiny:4']"]) == 0
+    assert main(["study", "--smoke", "--resume", "--out", str(out), "-p", "data", str(data), "-p", "data_format",
+                 "tensor", "-p", "points", "['tiny:1', 'tiny:4']"]) == 0
+    assert (data / "train.pt").exists() and not (data / "train.csv").exists()
     assert (out / "01_pretrain.ipynb").stat().st_mtime_ns == first  # finished: not run again
     assert (out / "runs" / "e2e" / "checkpoint.pt").stat().st_mtime_ns == trained
     assert not (out / "FAILED.json").exists()

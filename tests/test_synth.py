@@ -70,6 +70,36 @@ def test_written_mp4s_decode_to_the_generated_frames(tmp_path):
     assert (tmp_path / "train.csv").stat().st_mtime_ns == before
 
 
+def test_tensor_format_holds_the_rendered_clips_and_every_label(tmp_path, tiny):
+    """--format tensor: train.pt and val.pt hold exactly the rendered frames and every label family;
+    load_split reads them (resized for a model of another size), pretrain trains from the folder,
+    and a folder of the other format is refused by name."""
+    from bwssl_core.evaluate import load_split
+
+    assert main(["synth", "--out", str(tmp_path), "--n-train", "8", "--n-val", "4", "--size", "32",
+                 "--frames", "4", "--format", "tensor"]) == 0
+    cfg = SynthConfig(size=32, frames=4)
+    f = split_factors(8, cfg, 0, "train")
+    saved = torch.load(tmp_path / "train.pt", weights_only=True)
+    assert torch.equal(saved["clips"], render(f, cfg)) and saved["clips"].shape == (8, 4, 32, 32, 3)
+    assert set(saved["labels"]) == set(FAMILIES) and torch.equal(saved["labels"]["motion"], f["motion"])
+    clips, labels = load_split(tmp_path, "val", tiny())  # tiny: 4 frames of 32 x 32
+    assert clips.shape == (4, 3, 4, 32, 32) and clips.dtype == torch.uint8 and len(labels["shape"]) == 4
+    small, _ = load_split(tmp_path, "val", tiny(img_size=16, patch_size=8))
+    assert small.shape == (4, 3, 4, 16, 16)
+    with pytest.raises(ConfigError, match="clips of 4 frames, fewer than num_frames=8"):
+        load_split(tmp_path, "val", tiny(num_frames=8))
+    centre, _ = load_split(tmp_path, "val", tiny(num_frames=2, tubelet_size=2))  # frames 1 and 2 of 0..3
+    torch.testing.assert_close(centre, clips[:, :, 1:3])
+    with pytest.raises(ConfigError, match=r"format: tensor there, mp4 asked"):
+        ensure_dataset(tmp_path, 8, 4, cfg, fmt="mp4")
+    assert ensure_dataset(tmp_path, 8, 4, cfg, fmt="tensor") == tmp_path
+    run = tmp_path / "run"
+    assert main(["pretrain", "--out", str(run), "--data", str(tmp_path), "--preset", "tiny", "--steps", "2",
+                 "--batch-size", "4", "--log-every", "1"]) == 0
+    assert (run / "checkpoint.pt").exists()
+
+
 def test_a_size_decord_cannot_read_back_is_refused(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path), "--n-train", "4", "--n-val", "4", "--size", "48",
                  "--frames", "4", "--workers", "1"]) == 2

@@ -184,3 +184,22 @@ def test_bf16_autocast(tiny, tmp_path):
     assert (runs["bf16"][-5:].mean(0) < runs["bf16"][:3].mean(0)).all()  # it learns
     assert not torch.equal(runs["bf16"], runs["fp32"])  # autocast was on
     torch.testing.assert_close(runs["bf16"][0], runs["fp32"][0], rtol=0.02, atol=0.02)
+
+
+def test_a_run_saved_before_a_field_existed_resumes(tiny, tmp_path):
+    """A checkpoint written before a config field was added (here model.dec_keep) resumes with the
+    field's default, which keeps the old behaviour; setting the field to another value is refused."""
+    from bwssl_core.io import save_checkpoint
+
+    cfg = tiny(partition=(2, 2))
+    video = MovingShapes(cfg, 4, seed=0).batch(0)
+    trainer = Trainer(cfg, _train_cfg(), tmp_path, device="cpu")
+    for _ in range(4):
+        trainer.train_step(video)
+    trainer.save()
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    del state["config"]["model"]["dec_keep"]
+    save_checkpoint(tmp_path / "checkpoint.pt", {k: v for k, v in state.items() if k != "version"})
+    assert Trainer(cfg, _train_cfg(), tmp_path, resume=True, device="cpu").step == 4
+    with pytest.raises(RunError, match=r"model\.dec_keep: run has 1\.0, now 0\.5"):
+        Trainer(tiny(partition=(2, 2), dec_keep=0.5), _train_cfg(), tmp_path, resume=True, device="cpu")
