@@ -4,8 +4,10 @@
 # folder) or runs/gpu-check. SMOKE=1 runs every step at a tiny size (to try the script on a CPU).
 #
 #   bash benchmarks/gpu_check.sh [STEP ...]
-# steps: pretrain compiled probe loader (default), lean profile loader160 (the second run's extras),
-# study (the GPU study of issue 5). Wheels the device lacks: benchmarks/device_wheels.sh.
+# steps: pretrain (eager, every K and variant), compiled, probe, loader, loader160, lean (compiled E2E
+# against the blockwise variants), profile, study (the GPU study of issue 5). The default is what
+# benchmarks/NOTES.md still lists as unmeasured: lean loader. Wheels the device lacks:
+# benchmarks/device_wheels.sh (loader: decord and PyAV; study: papermill and the rest).
 set -u
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
@@ -26,7 +28,7 @@ run() {  # run NAME LIMIT_S COMMAND...: one step, its output appended to the log
   echo "== $name: rc=$? in $((SECONDS - tic)) s" | tee -a "$LOG"
 }
 
-steps=${*:-pretrain compiled probe loader}
+steps=${*:-lean loader}
 { date -Is; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
   python3 -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1; } | tee -a "$LOG"

@@ -84,3 +84,22 @@ def test_benchmark_runs_on_cpu(tmp_path):
     (est,) = result["per_block"]
     assert est["blocks"] == 2 and len(est["block_ms"]) == 2 and min(est["block_ms"]) > 0
     assert 0.9 < est["speedup"] <= 2 and est["est_clips_per_s"] > 0 and est["speedup_vs_trainer"] > 0
+
+
+def test_gpu_check_script_runs_its_steps_in_smoke_mode(tmp_path):
+    """benchmarks/gpu_check.sh, the device run, at its tiny size: each step's JSON and a zero exit
+    status in the log; an unknown step is named."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "OUT": str(tmp_path), "SMOKE": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3: this interpreter
+    subprocess.run(["bash", str(script), "pretrain", "probe", "nonsense"], cwd=script.parents[1], env=env,
+                   check=True, capture_output=True, timeout=600)
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "== pretrain: rc=0" in log and "== probe: rc=0" in log and "unknown step nonsense" in log
+    rows = json.loads((tmp_path / "pretrain.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} >= {"hf_sdpa", "e2e", "bw_memory", "bw_joint", "bw_shared"}
+    assert json.loads((tmp_path / "probe.json").read_text())["total_s"] > 0
