@@ -52,8 +52,8 @@ class CacheBatches:
             g = torch.Generator().manual_seed(item_seed(ds.seed, epoch, i))
             starts = clip_starts(video["frames"], ds.span, R, True, g)
             idx = video["offset"] + clip_indices(starts, ds.num_frames, ds.sampling_rate)  # (R, T)
-            for r in range(R):
-                np.take(ds.frames, idx[r], axis=0, out=buf[j * R + r])
+            for r in range(R):  # mode "clip": no bounce buffer ("raise" buffers `out`); too_short bounds idx
+                np.take(ds.frames, idx[r], axis=0, out=buf[j * R + r], mode="clip")
 
     def __call__(self, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
         ds, cuda = self.dataset, self.device.type == "cuda"
