@@ -120,12 +120,13 @@ def main(argv: list[str] | None = None) -> dict:
         cached = CachedClips(cache, transform=augment, **sampling)
         rows.append(("CachedClips + CPU transform", workers, *timed(b for b, _ in loader(cached))))
         g = torch.Generator(device).manual_seed(0)
-        raw = loader(CachedClips(cache, **sampling), pin=device.type == "cuda")
+        plain = CachedClips(cache, **sampling)  # no transform: uint8 frames for the device
+        raw = loader(plain, pin=device.type == "cuda")
         on_device = (gpu_augment(b.to(device, non_blocking=True), args.size, generator=g) for b, _ in raw)
         rows.append((f"CachedClips + gpu_augment ({device.type})", workers, *timed(on_device, sync)))
-        fast = CacheBatches(CachedClips(cache, **sampling), args.batch_size, threads=max(1, workers), device=device,
+        fast = CacheBatches(plain, args.batch_size, threads=max(1, workers), device=device,
                             augment=partial(gpu_augment, size=args.size, generator=g))
-        batches = itertools.islice(fast(), len(CachedClips(cache, **sampling)) // args.batch_size * args.epochs)
+        batches = itertools.islice(fast(), len(plain) // args.batch_size * args.epochs)
         rows.append((f"CacheBatches (threads) + gpu_augment ({device.type})", workers, *timed(batches, sync)))
 
     print(f"\ncache build: {build_s:.2f} s ({max(args.workers)} workers)")

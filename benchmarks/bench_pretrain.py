@@ -37,9 +37,9 @@ from bwssl_core.config import ModelConfig, TrainConfig, model_config
 from bwssl_core.flops import mfu, train_step_flops
 from bwssl_core.io import save_json
 from bwssl_core.masking import tube_mask
-from bwssl_core.pipeline import BlockWorker, pipeline_estimate, step_mask
+from bwssl_core.pipeline import BlockWorker, pipeline_estimate
 from bwssl_core.timing import add_device_args, device_from_args, sync
-from bwssl_core.train import Trainer, peak_memory_gib
+from bwssl_core.train import Trainer, peak_memory_gib, step_mask
 
 VARIANTS = {  # name: (model overrides, per-block backward)
     "memory": ({}, True),

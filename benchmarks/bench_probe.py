@@ -4,8 +4,8 @@ label family of the synthetic data, over N clips, timed as the study runs them.
 The clips are made on the device first (synth.synth_batch, labelled) and are not timed. Timed: one
 pass of probe.layer_features over train and validation (all poolings at once, as the study does),
 then evaluate.probe_layers (standardise, principal basis, l2 chosen on a held-out part, refit; R@k)
-for each pooling on its own. The encoder is at random init unless --run names a trained one: the
-speed does not depend on the weights. Prints a table and saves JSON.
+for each pooling on its own. The encoder is at random init: the speed does not depend on the weights.
+Prints a table and saves JSON.
 
     python benchmarks/bench_probe.py --preset vit_b --clips 10000 --out runs/bench_probe.json   # GPU
     python benchmarks/bench_probe.py --preset tiny --clips 200 --out /tmp/p.json

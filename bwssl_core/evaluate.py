@@ -134,15 +134,14 @@ def probe_layers(train_feats: dict, train_labels: dict, val_feats: dict, val_lab
                  seed: int = 0, ks=(1, 5, 10, 20, 50), device="cpu") -> dict:
     """Linear probe and retrieval on every layer of pooled features {pooling: (layers, N, F)}:
     {pooling: {family: {"acc": [per layer], "R@k": [per layer], ...}}}."""
+    labels = {f: (train_labels[f].to(device), val_labels[f].to(device)) for f in families}
     res = {}
     for pool in train_feats:
         res[pool] = {fam: {} for fam in families}
         for i in range(len(train_feats[pool])):
             tr_x, va_x = train_feats[pool][i].to(device), val_feats[pool][i].to(device)
-            fitted = ProbeSpace(tr_x, va_x).probe_families({f: (train_labels[f], val_labels[f]) for f in families},
-                                                           seed=seed)
-            for fam in families:
-                tr_y, va_y = train_labels[fam].to(device), val_labels[fam].to(device)
+            fitted = ProbeSpace(tr_x, va_x).probe_families(labels, seed=seed)
+            for fam, (tr_y, va_y) in labels.items():
                 row = {**fitted[fam], **retrieval(tr_x, tr_y, va_x, va_y, ks)}
                 for k, v in row.items():
                     res[pool][fam].setdefault(k, []).append(v)

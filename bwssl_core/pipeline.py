@@ -18,7 +18,7 @@ Same result as one process (train.Trainer with per-block backward), by construct
   (rather than rank 0 broadcasting it: every rank needs the clip for its block's target; read a clip
   cache, not videos, when decoding is costly). CPU transforms are seeded per clip, and gpu_augment
   draws from the device RNG, seeded alike on every rank;
-- mask: step_mask, from step_generator(seed + 1, t) as Trainer;
+- mask: train.step_mask, the Trainer's own;
 - optimiser: Trainer's lr_at, param_groups and per-block clipping; AdamW is elementwise, so one
   optimiser per block equals Trainer's single one.
 Rank 0 gathers the blocks' weights into one checkpoint.pt (load_run reads it). Optimiser states
@@ -39,18 +39,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .batches import normalize_video, step_generator
+from .batches import normalize_video
 from .config import ConfigError, ModelConfig, TrainConfig, to_dict
 from .io import RunError, save_checkpoint, save_json
-from .masking import Mask, tube_mask
+from .masking import Mask
 from .model import VideoMAE
-from .train import claim_folder, compile_module, default_device, lr_at, param_groups, peak_memory_gib
-
-
-def step_mask(mcfg: ModelConfig, tcfg: TrainConfig, step: int, device) -> Mask:
-    """The mask of a global batch at `step`, as train.Trainer draws it."""
-    g = step_generator(tcfg.seed + 1, step, device)
-    return tube_mask(tcfg.batch_size, mcfg.grid, mcfg.mask_ratio, g, device, mcfg.dec_keep)
+from .train import claim_folder, compile_module, default_device, lr_at, param_groups, peak_memory_gib, step_mask
 
 
 class BlockWorker:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .batches import normalize_video, shard, step_generator
 from .config import ConfigError, ModelConfig, TrainConfig, from_dict, to_dict
 from .io import RunError, config_diff, load_checkpoint, remove_stale_temps, save_checkpoint, save_json
-from .masking import tube_mask
+from .masking import Mask, tube_mask
 from .model import VideoMAE
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt")
@@ -72,6 +72,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def default_device() -> str:
     """This process's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+
+def step_mask(mcfg: ModelConfig, tcfg: TrainConfig, step: int, device) -> Mask:
+    """The mask of the global batch of `step`, drawn from (seed, step): the same for every process, a
+    resumed run and a block-parallel pipeline."""
+    g = step_generator(tcfg.seed + 1, step, device)
+    return tube_mask(tcfg.batch_size, mcfg.grid, mcfg.mask_ratio, g, device, mcfg.dec_keep)
 
 
 def with_defaults(config: dict) -> dict:
@@ -193,9 +200,7 @@ class Trainer:
             raise ConfigError(f"batch of {video.shape[0]} clips: expected {self.local_batch} per process "
                               f"(batch_size={t.batch_size} over {self.world})")
         # the global batch's mask, drawn from (seed, step); this process keeps its rows
-        g = step_generator(t.seed + 1, self.step, self.device)
-        mask = tube_mask(t.batch_size, self.mcfg.grid, self.mcfg.mask_ratio, g, self.device, self.mcfg.dec_keep)
-        mask = mask[shard(t.batch_size, self.rank, self.world)]
+        mask = step_mask(self.mcfg, t, self.step, self.device)[shard(t.batch_size, self.rank, self.world)]
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
