@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_check.sh [STEP ...]
 # steps: pretrain (eager, every K and variant), compiled, probe, loader, loader160, lean (compiled E2E
 # against the blockwise variants), profile, study (the GPU study of issue 5). The default is what
-# benchmarks/NOTES.md still lists as unmeasured: lean loader. Wheels the device lacks:
+# benchmarks/NOTES.md still lists first: study (then, in a second call, probe). Wheels the device lacks:
 # benchmarks/device_wheels.sh (loader: decord and PyAV; study: papermill and the rest).
 set -u
 OUT=${OUT:-runs/gpu-check}
@@ -28,7 +28,7 @@ run() {  # run NAME LIMIT_S COMMAND...: one step, its output appended to the log
   echo "== $name: rc=$? in $((SECONDS - tic)) s" | tee -a "$LOG"
 }
 
-steps=${*:-lean loader}
+steps=${*:-study}
 { date -Is; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
   python3 -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1; } | tee -a "$LOG"
@@ -49,7 +49,7 @@ for step in $steps; do
       run loader160 45 python3 benchmarks/bench_loader.py --videos $VIDEOS --size $SIZE --decode-size $((SIZE * 5 / 7)) \
         --batch-size $B --workers 16 --epochs 6 --out "$OUT/loader160.json" ;;
     lean)  # compiled, HF anchor beside: E2E, K=4 with 4-layer decoders, 1-layer ones, 1-layer on half the hidden tubes
-      run lean 170 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 4 \
+      run lean 230 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 4 \
         --variants memory light lean --compile --out "$OUT/pretrain_lean.json" ;;
     profile)  # where a compiled E2E step spends its time, with flash and with cuDNN attention
       run profile 80 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 1 --compile \

@@ -13,7 +13,8 @@ from .listfile import parse_list_file
 from .model import VideoMAE
 from .features import FeatureCache, encoder_hash, key_of, tensor_hash
 from .attentive import attentive_probe
-from .probe import POOLINGS, ProbeSpace, feature_precision, layer_features, pixel_features, pixel_tokens, retrieval
+from .probe import (POOLINGS, ProbeSpace, feature_precision, layer_features, pixel_features, pixel_tokens, probe_spaces,
+                    retrieval)
 
 
 def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: int | None = None):
@@ -137,13 +138,16 @@ def probe_layers(train_feats: dict, train_labels: dict, val_feats: dict, val_lab
     labels = {f: (train_labels[f].to(device), val_labels[f].to(device)) for f in families}
     res = {}
     for pool in train_feats:
-        res[pool] = {fam: {} for fam in families}
+        spaces, found = [], []
         for i in range(len(train_feats[pool])):
             tr_x, va_x = train_feats[pool][i].to(device), val_feats[pool][i].to(device)
-            fitted = ProbeSpace(tr_x, va_x).probe_families(labels, seed=seed)
-            for fam, (tr_y, va_y) in labels.items():
-                row = {**fitted[fam], **retrieval(tr_x, tr_y, va_x, va_y, ks)}
-                for k, v in row.items():
+            spaces.append(ProbeSpace(tr_x, va_x, basis=False))
+            found.append({fam: retrieval(tr_x, tr_y, va_x, va_y, ks) for fam, (tr_y, va_y) in labels.items()})
+        fitted = probe_spaces(spaces, labels, seed=seed)  # all layers at once (one solve on a GPU)
+        res[pool] = {fam: {} for fam in families}
+        for layer, hits in zip(fitted, found):
+            for fam in families:
+                for k, v in {**layer[fam], **hits[fam]}.items():
                     res[pool][fam].setdefault(k, []).append(v)
     return res
 

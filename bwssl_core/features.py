@@ -23,7 +23,7 @@ def tensor_hash(*tensors: torch.Tensor, extra: dict | None = None) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(torch.uint8).numpy().reshape(-1) if t.numel() else b"")  # the buffer, not a copy
     return h.hexdigest()[:16]
 
 

@@ -99,51 +99,59 @@ def pixel_features(clips, tubelet_size: int, patch_size: int, grid, poolings=POO
     return {kind: torch.cat(parts, 1) for kind, parts in out.items()}
 
 
+def _gram_eigh(xd: torch.Tensor, rel_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues lam (r,) and eigenvectors U (n, r) of the Gram matrix x x^T / n of float64 x (n, d),
+    those with lam <= rel_eps * max(lam) dropped."""
+    lam, U = torch.linalg.eigh(xd @ xd.T / len(xd))
+    keep = lam > rel_eps * lam.max().clamp_min(1e-300)
+    return lam[keep], U[:, keep]
+
+
 def principal_basis(x: torch.Tensor, rel_eps: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
     """An orthonormal basis V (d, r) of the row space of centred features x (n, d), and the variance
     along each direction lam (r,): the eigenvectors of x^T x / n (through the n x n Gram matrix when
     d > n), in float64, directions with lam <= rel_eps * max(lam) dropped."""
     n, d = x.shape
     xd = x.double()
-    if d <= n:
-        lam, V = torch.linalg.eigh(xd.T @ xd / n)
-    else:
-        lam, U = torch.linalg.eigh(xd @ xd.T / n)
-        lam = lam.clamp_min(0)
-        V = xd.T @ U / (n * lam).clamp_min(1e-300).sqrt()  # (d, n): right singular vectors
+    if d > n:
+        lam, U = _gram_eigh(xd, rel_eps)
+        return (xd.T @ U / (n * lam).sqrt()).to(x.dtype), lam.to(x.dtype)  # right singular vectors
+    lam, V = torch.linalg.eigh(xd.T @ xd / n)
     keep = lam > rel_eps * lam.max().clamp_min(1e-300)
     return V[:, keep].to(x.dtype), lam[keep].to(x.dtype)
 
 
-def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2: list[float], lam: torch.Tensor,
+def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: torch.Tensor,
          max_iter: int, init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """J multinomial logistic regressions on shared features z (n, r) in a principal basis, solved as one:
-    labels ys (J, n), problem j with num_classes[j] classes and penalty l2[j]. Minimises the sum over j
-    of mean cross-entropy + l2_j/2 ||B_j||^2 over weights B (J, C, r) and biases b (J, C), C the largest
-    class count (a problem's extra classes are masked out), by one L-BFGS: the problems share no
-    parameter, so the joint minimum is every problem's own minimum, reached in one run of batched
-    matmuls instead of J runs. B_j = P_j * c_j with c_j = (lam / 4 + l2_j)^-1/2, a diagonal
-    preconditioner (the same minimum in far fewer steps). Stops when the max-norm of the gradient in
+    """G x J multinomial logistic regressions solved as one: features z (G, n, r) of G groups (layers),
+    each in its principal basis with variances lam (G, r) (zero-padded to a common r), and labels
+    ys (J, n) shared by the groups, problem (g, j) with num_classes[j] classes and penalty l2 (J,) or
+    (G, J). Minimises the sum over (g, j) of mean cross-entropy + l2_gj/2 ||B_gj||^2 over B (G, J, C, r) and
+    biases b (G, J, C), C the largest class count (a problem's extra classes are masked out), by one
+    L-BFGS: the problems share no parameter, so the joint minimum is every problem's own minimum,
+    reached in one run of batched matmuls instead of G x J runs. B_gj = P_gj * c_gj with
+    c_gj = (lam_g / 4 + l2_gj)^-1/2, a diagonal preconditioner (the same minimum in far fewer steps).
+    A padded direction (z and lam zero) keeps zero weight. Stops when the max-norm of the gradient in
     P falls below 1e-4 or after max_iter iterations."""
-    J, n = ys.shape
-    C = max(num_classes)
-    l2s = torch.tensor(l2, dtype=z.dtype, device=z.device)  # (J,)
-    c = (lam[None] / 4 + l2s[:, None]).rsqrt()[:, None]  # (J, 1, r)
+    G, n, _ = z.shape
+    J, C = ys.shape[0], max(num_classes)
+    l2s = torch.as_tensor(l2, dtype=z.dtype, device=z.device).expand(G, J)  # (G, J)
+    c = (lam[:, None] / 4 + l2s[..., None]).rsqrt()[:, :, None]  # (G, J, 1, r)
     absent = torch.arange(C, device=z.device)[None] >= torch.tensor(num_classes, device=z.device)[:, None]  # (J, C)
-    B0, b0 = init if init is not None else (z.new_zeros(J, C, z.shape[1]), z.new_zeros(J, C))
+    B0, b0 = init if init is not None else (z.new_zeros(G, J, C, z.shape[2]), z.new_zeros(G, J, C))
     P = (B0 / c).clone().requires_grad_(True)
     b = b0.masked_fill(absent, 0).requires_grad_(True)
     opt = torch.optim.LBFGS([P, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-4, tolerance_change=1e-9)
-    targets = ys.T.contiguous()  # (n, J)
+    targets = ys.T[:, None].expand(n, G, J)  # (n, G, J)
 
     def closure():
         opt.zero_grad()
-        B = P * c  # (J, C, r)
-        logits = (z @ B.flatten(0, 1).T).view(n, J, C) + b  # (n, J, C)
+        B = P * c  # (G, J, C, r)
+        logits = (z @ B.flatten(1, 2).transpose(1, 2)).view(G, n, J, C) + b[:, None]  # (G, n, J, C)
         logits = logits.masked_fill(absent, float("-inf"))
-        ce = F.cross_entropy(logits.permute(0, 2, 1), targets, reduction="none").mean(0)  # (J,)
-        loss = (ce + 0.5 * l2s * B.pow(2).sum((1, 2))).sum()
+        ce = F.cross_entropy(logits.permute(1, 3, 0, 2), targets, reduction="none").mean(0)  # (G, J)
+        loss = (ce + 0.5 * l2s * B.pow(2).sum((2, 3))).sum()
         loss.backward()
         return loss
 
@@ -151,88 +159,122 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2: list[flo
     return (P * c).detach(), b.detach().masked_fill(absent, float("-inf"))  # an absent class never wins
 
 
-def _solve(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2: list[float], lam: torch.Tensor,
-           max_iter: int, init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """_fit's problems: on a GPU all in one batched solve (the calls, not the arithmetic, cost there);
-    on the CPU one at a time, each stopping at its own convergence and, without `init`, starting from
-    the solution of the problem before it when that one has the same labels (a stronger l2 of the same
-    family). Weights padded to the largest class count, absent classes' bias -inf."""
-    if z.device.type == "cuda":
+def _solve(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: torch.Tensor,
+           max_iter: int, init: tuple[torch.Tensor, torch.Tensor] | None = None,
+           batched: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """_fit's problems: batched (the default on a GPU, where the calls, not the arithmetic, cost) all in
+    one solve; else one at a time, each stopping at its own convergence and, without `init`, starting
+    from the solution of the problem before it in its group when that one has the same labels (a
+    stronger l2 of the same family). Weights padded to the largest class count, absent classes' bias -inf."""
+    if z.device.type == "cuda" if batched is None else batched:
         return _fit(z, ys, num_classes, l2, lam, max_iter, init)
     C, Bs, bs = max(num_classes), [], []
-    for j, k in enumerate(num_classes):
-        if init is not None:
-            start = (init[0][j:j + 1, :k], init[1][j:j + 1, :k])
-        else:
-            same = j > 0 and num_classes[j - 1] == k and torch.equal(ys[j], ys[j - 1])
-            start = (Bs[-1][:, :k], bs[-1][:, :k]) if same else None
-        B, b = _fit(z, ys[j:j + 1], [k], [l2[j]], lam, max_iter, start)
-        Bs.append(F.pad(B, (0, 0, 0, C - k)))
-        bs.append(F.pad(b, (0, C - k), value=float("-inf")))
-    return torch.cat(Bs), torch.cat(bs)
+    l2 = torch.as_tensor(l2, dtype=torch.float64).expand(z.shape[0], len(num_classes)).tolist()  # (G, J)
+    for g in range(z.shape[0]):
+        for j, k in enumerate(num_classes):
+            if init is not None:
+                start = (init[0][g:g + 1, j:j + 1, :k], init[1][g:g + 1, j:j + 1, :k])
+            else:
+                same = j > 0 and num_classes[j - 1] == k and torch.equal(ys[j], ys[j - 1])
+                start = (Bs[-1][..., :k, :], bs[-1][..., :k]) if same else None
+            B, b = _fit(z[g:g + 1], ys[j:j + 1], [k], [l2[g][j]], lam[g:g + 1], max_iter, start)
+            Bs.append(F.pad(B, (0, 0, 0, C - k)))
+            bs.append(F.pad(b, (0, C - k), value=float("-inf")))
+    G, J = z.shape[0], len(num_classes)
+    return torch.cat(Bs, 1).view(G, J, C, -1), torch.cat(bs, 1).view(G, J, C)
 
 
 def _accuracy(z: torch.Tensor, B: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Top-1 of the J problems' weights B (J, C, r), b (J, C) on features z (n, r) and labels y (J, n): (J,)."""
-    return ((torch.einsum("nr,jcr->jnc", z, B) + b[:, None]).argmax(-1) == y).float().mean(1)
+    """Top-1 of weights B (G, J, C, r), b (G, J, C) on features z (G, n, r) and labels y (J, n): (G, J)."""
+    return ((torch.einsum("gnr,gjcr->gjnc", z, B) + b[:, :, None]).argmax(-1) == y).float().mean(2)
 
 
 class ProbeSpace:
     """One layer's features for probing: standardised by the training split's statistics and
     expressed in its principal basis (exact: an l2-penalised linear model's weights lie in the span
-    of the training features), shared by the probes of every label family."""
+    of the training features), shared by the probes of every label family. basis=False: the (d, r)
+    basis itself is not kept (only fit() needs it), which saves two large matmuls when d > n."""
 
-    def __init__(self, train_x: torch.Tensor, val_x: torch.Tensor):
+    def __init__(self, train_x: torch.Tensor, val_x: torch.Tensor, basis: bool = True, rel_eps: float = 1e-7):
         mean, std = train_x.mean(0), train_x.std(0) + 1e-6
         tx, vx = (train_x - mean) / std, (val_x - mean) / std
-        self.basis, self.lam = principal_basis(tx)
-        self.train, self.val = tx @ self.basis, vx @ self.basis  # (n, r), (m, r)
+        n, d = tx.shape
+        if d <= n:
+            self.basis, self.lam = principal_basis(tx, rel_eps)  # (d, r), (r,)
+            self.train, self.val = tx @ self.basis, vx @ self.basis  # (n, r), (m, r)
+            return
+        # wider than long: through the n x n Gram matrix, where the training coordinates are its scaled
+        # eigenvectors, so neither they nor the validation ones need the (d, r) basis
+        lam, U = _gram_eigh(tx.double(), rel_eps)
+        scale = (n * lam).sqrt()
+        w = (U / scale).to(tx.dtype)  # (n, r): the basis is tx^T w
+        self.lam, self.train, self.val = lam.to(tx.dtype), (U * scale).to(tx.dtype), (vx @ tx.T) @ w
+        self.basis = tx.T @ w if basis else None  # (d, r), only for fit()
 
     def fit(self, y: torch.Tensor, l2: float, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights (C, d) on the standardised features and bias (C,), fitted on the whole training split."""
+        if self.basis is None:
+            raise ValueError("fit() maps weights back through the basis: make the ProbeSpace with basis=True")
         y = y.to(self.train.device)
-        B, b = _fit(self.train, y[None], [int(y.max()) + 1], [l2], self.lam, max_iter)
-        return B[0] @ self.basis.T, b[0]
+        B, b = _fit(self.train[None], y[None], [int(y.max()) + 1], [l2], self.lam[None], max_iter)
+        return B[0, 0] @ self.basis.T, b[0, 0]
 
     def probe(self, train_y: torch.Tensor, val_y: torch.Tensor, **kwargs) -> dict:
         """Top-1 on validation, l2 chosen on a held-out part of the training split, then refit on all of it."""
         return self.probe_families({"y": (train_y, val_y)}, **kwargs)["y"]
 
-    def probe_families(self, labels: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                       l2_grid=(1e-1, 1e-2, 1e-3, 1e-4), holdout: float = 0.2, seed: int = 0,
-                       max_iter: int = 100) -> dict[str, dict]:
-        """probe() for several label families {family: (train_y, val_y)} at once: every (family, l2)
-        fit on the training rows in one solve, each family's l2 chosen on the held-out rows (ties:
-        the stronger), then every family refit at its l2 on all training rows in a second solve.
-        {family: {"acc", "l2", "holdout_acc"}}."""
-        dev = self.train.device
-        counts = {}
-        for fam, (train_y, val_y) in labels.items():
-            if len(self.train) != len(train_y) or len(self.val) != len(val_y):
-                raise ConfigError(f"features and labels{'' if fam == 'y' else f' of {fam}'} differ in length: "
-                                  f"train {len(self.train)} vs {len(train_y)}, validation {len(self.val)} vs {len(val_y)}")
-            counts[fam] = int(max(train_y.max(), val_y.max())) + 1
-            if len(train_y) < 2 * counts[fam] / (1 - holdout):
-                raise ConfigError(f"{len(train_y)} training samples are fewer than the probe needs for {counts[fam]} "
-                                  f"classes (at least {int(2 * counts[fam] / (1 - holdout)) + 1}: two per class to "
-                                  f"fit, plus a {holdout:.0%} held-out part to choose l2)")
-        fams, grid = list(labels), sorted(l2_grid, reverse=True)
-        train_y = torch.stack([labels[f][0] for f in fams]).to(dev)  # (F, n)
-        val_y = torch.stack([labels[f][1] for f in fams]).to(dev)  # (F, m)
-        order = torch.randperm(train_y.shape[1], generator=torch.Generator().manual_seed(seed)).to(dev)
-        n_hold = max(1, int(train_y.shape[1] * holdout))
-        hold, rows = order[:n_hold], order[n_hold:]
-        # problem j = (family j // len(grid), l2 grid[j % len(grid)])
-        ys = train_y.repeat_interleave(len(grid), 0)  # (F * G, n)
-        B, b = _solve(self.train[rows], ys[:, rows], [counts[f] for f in fams for _ in grid], grid * len(fams),
-                    self.lam, max_iter)
-        scores = _accuracy(self.train[hold], B, b, ys[:, hold]).view(len(fams), len(grid)).tolist()
-        best = [max(range(len(grid)), key=lambda i: (s[i], grid[i])) for s in scores]  # ties: the stronger l2
-        pick = torch.tensor([f * len(grid) + i for f, i in enumerate(best)], device=dev)
-        B, b = _solve(self.train, train_y, [counts[f] for f in fams], [grid[i] for i in best], self.lam, max_iter,
-                    (B[pick], b[pick]))
-        acc = _accuracy(self.val, B, b, val_y).tolist()
-        return {f: {"acc": acc[j], "l2": grid[best[j]], "holdout_acc": scores[j][best[j]]} for j, f in enumerate(fams)}
+    def probe_families(self, labels: dict[str, tuple[torch.Tensor, torch.Tensor]], **kwargs) -> dict[str, dict]:
+        """probe() for several label families {family: (train_y, val_y)} at once (see probe_spaces)."""
+        return probe_spaces([self], labels, **kwargs)[0]
+
+
+def probe_spaces(spaces: list[ProbeSpace], labels: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 l2_grid=(1e-1, 1e-2, 1e-3, 1e-4), holdout: float = 0.2, seed: int = 0, max_iter: int = 100,
+                 batched: bool = True) -> list[dict[str, dict]]:
+    """The probes of several label families {family: (train_y, val_y)} on several layers' spaces (the
+    same clips): every (layer, family, l2) fit on the training rows in one solve, each (layer, family)'s
+    l2 chosen on the held-out rows (ties: the stronger), then refit at its l2 on all training rows in a
+    second solve. batched: one L-BFGS for all problems (the default: on a GPU the calls cost, not the
+    arithmetic; on a 2-core CPU all layers of the default study at once took half the time of one
+    problem at a time, NOTES.md), else one at a time. Per space: {family: {"acc", "l2", "holdout_acc"}}."""
+    n, m = len(spaces[0].train), len(spaces[0].val)
+    dev = spaces[0].train.device
+    counts = {}
+    for fam, (train_y, val_y) in labels.items():
+        if n != len(train_y) or m != len(val_y):
+            raise ConfigError(f"features and labels{'' if fam == 'y' else f' of {fam}'} differ in length: "
+                              f"train {n} vs {len(train_y)}, validation {m} vs {len(val_y)}")
+        counts[fam] = int(max(train_y.max(), val_y.max())) + 1
+        if len(train_y) < 2 * counts[fam] / (1 - holdout):
+            raise ConfigError(f"{len(train_y)} training samples are fewer than the probe needs for {counts[fam]} "
+                              f"classes (at least {int(2 * counts[fam] / (1 - holdout)) + 1}: two per class to "
+                              f"fit, plus a {holdout:.0%} held-out part to choose l2)")
+    if any(len(s.train) != n or len(s.val) != m for s in spaces):
+        raise ConfigError(f"the layers' features differ in length: train {[len(s.train) for s in spaces]}, "
+                          f"validation {[len(s.val) for s in spaces]}")
+    r = max(s.train.shape[1] for s in spaces)  # each layer zero-padded to the widest basis
+    tz = torch.stack([F.pad(s.train, (0, r - s.train.shape[1])) for s in spaces])  # (G, n, r)
+    vz = torch.stack([F.pad(s.val, (0, r - s.val.shape[1])) for s in spaces])  # (G, m, r)
+    lam = torch.stack([F.pad(s.lam, (0, r - s.lam.shape[0])) for s in spaces])  # (G, r)
+    fams, grid = list(labels), sorted(l2_grid, reverse=True)
+    train_y = torch.stack([labels[f][0] for f in fams]).to(dev)  # (F, n)
+    val_y = torch.stack([labels[f][1] for f in fams]).to(dev)  # (F, m)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(dev)
+    n_hold = max(1, int(n * holdout))
+    hold, rows = order[:n_hold], order[n_hold:]
+    # problem j = (family j // len(grid), l2 grid[j % len(grid)])
+    ys = train_y.repeat_interleave(len(grid), 0)  # (F * G, n)
+    B, b = _solve(tz[:, rows], ys[:, rows], [counts[f] for f in fams for _ in grid], grid * len(fams), lam,
+                  max_iter, batched=batched)
+    scores = _accuracy(tz[:, hold], B, b, ys[:, hold]).view(len(spaces), len(fams), len(grid)).tolist()
+    best = [[max(range(len(grid)), key=lambda i: (s[i], grid[i])) for s in layer] for layer in scores]  # (G, F)
+    pick = torch.tensor([[f * len(grid) + i for f, i in enumerate(layer)] for layer in best], device=dev)  # (G, F)
+    gi = torch.arange(len(spaces), device=dev)[:, None]
+    B, b = _solve(tz, train_y, [counts[f] for f in fams], [[grid[i] for i in layer] for layer in best], lam,
+                  max_iter, (B[gi, pick], b[gi, pick]), batched=batched)  # each (layer, family) at its own l2
+    acc = _accuracy(vz, B, b, val_y).tolist()
+    return [{f: {"acc": acc[g][j], "l2": grid[best[g][j]], "holdout_acc": scores[g][j][best[g][j]]}
+             for j, f in enumerate(fams)} for g in range(len(spaces))]
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,

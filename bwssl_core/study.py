@@ -33,12 +33,14 @@ def results_path(study: str | Path, notebook: str) -> Path:
 
 # parameters `bwssl study` sets over the notebooks' defaults: a smoke size for tests, and a larger
 # study when a GPU is there (the defaults are the 2-core CPU study). The GPU study keeps its clips as
-# tensors (rendered on the GPU, no codec): 12,000 clips of 16 x 112 x 112 are 7.2 GB
+# tensors (rendered on the GPU, no codec; 6,000 clips of 16 x 112 x 112 are 3.6 GB) and must fit one
+# 10-minute device call: its small model's steps are bound by the host, so a larger batch costs
+# little per step (NOTES.md, "The GPU study: made to fit one call")
 SMOKE = {"data": "data/synth-smoke", "n_train": 64, "n_val": 32, "synth_size": 32, "preset": "tiny", "steps": 20,
          "batch_size": 8, "warmup_steps": 2, "attentive_families": ["motion"], "cka_batch": 16,
          "points": ["tiny:1", "tiny:2"]}
-GPU = {"data": "data/synth-112-tensor", "data_format": "tensor", "n_train": 10000, "n_val": 2000, "synth_size": 112,
-       "preset": "gpu", "steps": 3000, "batch_size": 64, "warmup_steps": 300, "lr": 1.5e-3, "blocks": [1, 2, 4],
+GPU = {"data": "data/synth-112-5k", "data_format": "tensor", "n_train": 5000, "n_val": 1000, "synth_size": 112,
+       "preset": "gpu", "steps": 1200, "batch_size": 128, "warmup_steps": 120, "lr": 1.5e-3, "blocks": [1, 2, 4],
        "points": ["gpu:1", "gpu:2", "gpu:4"]}
 
 
@@ -71,6 +73,7 @@ def train_run(out: str | Path, model_cfg, train_cfg, clips: torch.Tensor, device
     if trainer.step >= train_cfg.steps:
         return metrics(out)[-1]
     b = train_cfg.batch_size
+    clips = on_device(clips, trainer.device)  # each batch then gathered there, with no host copy
 
     def batches(start, rank, world):
         for _, ids in epoch_batches(len(clips), b, seed=train_cfg.seed, start_step=start):
@@ -80,6 +83,16 @@ def train_run(out: str | Path, model_cfg, train_cfg, clips: torch.Tensor, device
         return trainer.fit(batches)
     finally:
         trainer.close()
+
+
+def on_device(clips: torch.Tensor, device: torch.device, share: float = 0.5) -> torch.Tensor:
+    """`clips` moved to a CUDA device when they take at most `share` of its free memory, else as they are.
+    On a GPU the study's small-model steps are bound by the host (NOTES.md), and a batch gathered in host
+    memory, then copied from pageable memory, is part of that."""
+    if device.type != "cuda" or clips.device == device:
+        return clips
+    free, _ = torch.cuda.mem_get_info(device)
+    return clips.to(device) if clips.numel() * clips.element_size() <= share * free else clips
 
 
 def metrics(run: str | Path) -> list[dict]:

@@ -167,26 +167,59 @@ def test_pooling_matches_adaptive_pooling_and_accumulates_bf16_in_float32(grid):
 
 
 def test_joint_solve_equals_one_problem_at_a_time_and_absent_classes_never_win():
-    """The GPU path (one L-BFGS over every (family, l2)) and the CPU path (one at a time) reach the
-    same minimum; a family with fewer classes than another is never predicted an absent class."""
-    from bwssl_core.probe import ProbeSpace, _accuracy, _fit
+    """The GPU path (one L-BFGS over every (layer, family, l2)) and the CPU path (one at a time) reach
+    the same minimum, with layers of different widths zero-padded to one; a family with fewer classes
+    than another is never predicted an absent class."""
+    from bwssl_core.probe import ProbeSpace, _accuracy, _fit, _solve
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(600, 20, generator=g).double()
     y8 = (x[:, :8] + 0.5 * torch.randn(600, 8, generator=g).double()).argmax(1)
     y3 = (x[:, 8:11] - 3).argmax(1)  # 3 classes, logits all far below zero before the bias
-    space = ProbeSpace(x, x[:10])
-    ys, counts, l2 = torch.stack([y8, y3, y3]), [8, 3, 3], [1e-2, 1e-2, 1e-4]
-    B, b = _fit(space.train, ys, counts, l2, space.lam, max_iter=500)
-    for j in range(3):
-        Bj, bj = _fit(space.train, ys[j:j + 1], counts[j:j + 1], l2[j:j + 1], space.lam, max_iter=500)
-        prob = lambda B, b: (space.train @ B.T + b).softmax(1)  # noqa: E731 (weights agree to the tolerance)
-        torch.testing.assert_close(prob(B[j, :counts[j]], b[j, :counts[j]]), prob(Bj[0], bj[0]), atol=5e-3, rtol=0)
-    assert torch.isinf(b[1:, 3:]).all() and torch.isfinite(b[0]).all()
-    pred = (torch.einsum("nr,jcr->jnc", space.train, B) + b[:, None]).argmax(-1)
-    assert pred[1:].max() < 3
-    acc = _accuracy(space.train, B, b, ys)
-    assert acc.shape == (3,) and (acc > 0.5).all()
+    wide, narrow = ProbeSpace(x, x[:10]), ProbeSpace(x[:, :12], x[:10, :12])  # two "layers", r = 20 and 12
+    z = torch.stack([wide.train, torch.nn.functional.pad(narrow.train, (0, 8))])  # (2, 600, 20)
+    lam = torch.stack([wide.lam, torch.nn.functional.pad(narrow.lam, (0, 8))])
+    ys, counts = torch.stack([y8, y3, y3]), [8, 3, 3]
+    l2 = [[1e-2, 1e-2, 1e-4], [1e-3, 1e-1, 1e-2]]  # (layers, problems): each its own penalty
+    B, b = _fit(z, ys, counts, l2, lam, max_iter=500)
+    B1, b1 = _solve(z, ys, counts, l2, lam, max_iter=500, batched=False)
+    assert B.shape == B1.shape == (2, 3, 8, 20) and b.shape == b1.shape == (2, 3, 8)
+    assert (B[1, :, :, 12:] == 0).all()  # the padded directions keep zero weight
+    for layer in range(2):
+        for j in range(3):
+            Bj, bj = _fit(z[layer:layer + 1], ys[j:j + 1], counts[j:j + 1], [l2[layer][j]], lam[layer:layer + 1],
+                          max_iter=500)
+            prob = lambda B, b: (z[layer] @ B.T + b).softmax(1)  # noqa: E731 (weights agree to the tolerance)
+            for Bx, bx in ((B, b), (B1, b1)):  # each solve stops at a gradient max-norm of 1e-4: close, not equal
+                torch.testing.assert_close(prob(Bx[layer, j, :counts[j]], bx[layer, j, :counts[j]]),
+                                           prob(Bj[0, 0], bj[0, 0]), atol=1e-2, rtol=0)
+    assert torch.isinf(b[:, 1:, 3:]).all() and torch.isfinite(b[:, 0]).all() and torch.isinf(b1[:, 1:, 3:]).all()
+    pred = (torch.einsum("gnr,gjcr->gjnc", z, B) + b[:, :, None]).argmax(-1)
+    assert pred[:, 1:].max() < 3
+    acc = _accuracy(z, B, b, ys)
+    assert acc.shape == (2, 3) and (acc > 0.5).all()
+
+
+def test_probing_all_layers_at_once_gives_each_layers_own_probe():
+    """probe_spaces batched (the GPU path, here on the CPU) over layers of different widths gives what
+    each layer's probe gives alone: its l2 choice and accuracies; mismatched layers are refused."""
+    from bwssl_core.config import ConfigError
+    from bwssl_core.probe import ProbeSpace, probe_spaces
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(400, 24, generator=g)
+    labels = {"a": ((x[:300, :4] + torch.randn(300, 4, generator=g)).argmax(1), x[300:, :4].argmax(1)),
+              "b": ((x[:300, 4:7] * 0.3 + torch.randn(300, 3, generator=g)).argmax(1), x[300:, 4:7].argmax(1))}
+    spaces = [ProbeSpace(x[:300, :w], x[300:, :w]) for w in (24, 10, 5)]
+    together = probe_spaces(spaces, labels, batched=True, max_iter=300)
+    alone = [s.probe_families(labels, max_iter=300) for s in spaces]
+    for t, a in zip(together, alone):
+        for fam in labels:
+            assert t[fam]["l2"] == a[fam]["l2"] and t[fam]["holdout_acc"] == pytest.approx(a[fam]["holdout_acc"], abs=0.02)
+            assert t[fam]["acc"] == pytest.approx(a[fam]["acc"], abs=0.02)
+    assert together[0]["a"]["acc"] > 0.5 and together[2]["b"]["acc"] < together[0]["b"]["acc"]  # b lives in columns 4-6
+    with pytest.raises(ConfigError, match="layers' features differ in length"):
+        probe_spaces([spaces[0], ProbeSpace(x[:200], x[300:])], labels)
 
 
 def test_probe_benchmark_runs_on_cpu(tmp_path):
