@@ -27,9 +27,18 @@ class AttentivePool(nn.Module):
 
     def forward(self, tokens: torch.Tensor, return_weights: bool = False):
         """(B, L, D) -> logits (B, C) [and each query's attention over the tokens (B, heads, L)]."""
-        x = self.norm(tokens)
-        w = (torch.einsum("bld,hd->bhl", x, self.query) / math.sqrt(x.shape[-1]) + self.pos).softmax(-1)
-        logits = self.head(torch.einsum("bhl,bld->bhd", w, x).flatten(1))
+        return self.read(F.layer_norm(tokens, tokens.shape[-1:], eps=self.norm.eps), return_weights)
+
+    def read(self, xhat: torch.Tensor, return_weights: bool = False):
+        """forward() of tokens already normalised without LayerNorm's affine, which is folded in
+        exactly: with x = xhat * g + b, a query's score x . q = xhat . (g * q) + b . q, whose second
+        term is the same for every token and drops out of the softmax; the weighted mean of x is the
+        weighted mean of xhat, times g, plus b. So frozen tokens are normalised once, not every epoch,
+        and no gradient flows to them."""
+        g, b = self.norm.weight, self.norm.bias
+        scores = (xhat @ (self.query * g).T).transpose(1, 2)  # (B, heads, L)
+        w = (scores / math.sqrt(xhat.shape[-1]) + self.pos).softmax(-1)
+        logits = self.head((w @ xhat * g + b).flatten(1))  # (B, heads, D) -> (B, C)
         return (logits, w) if return_weights else logits
 
 
@@ -49,18 +58,29 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_token
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     probe = AttentivePool(train_tokens.shape[1], train_tokens.shape[2], num_classes, heads).to(device)
+    train_tokens, val_tokens = _normalised(train_tokens, probe.norm.eps), _normalised(val_tokens, probe.norm.eps)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(train_tokens) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # OneCycleLR divides by its warm-up's length in steps less one: at least two steps of warm-up
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.1, 2 / steps)) \
+        if steps >= 4 else None  # fewer steps: a constant lr
     for _ in range(epochs):
         for ids in torch.randperm(len(train_tokens), generator=g).split(batch_size):
             x = train_tokens[ids].to(device, torch.float32)
-            loss = F.cross_entropy(probe(x), train_y[ids].to(device))
+            loss = F.cross_entropy(probe.read(x), train_y[ids].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
     probe.eval()
     with torch.no_grad():
-        pred = torch.cat([probe(v.to(device, torch.float32)).argmax(1).cpu() for v in val_tokens.split(512)])
+        pred = torch.cat([probe.read(v.to(device, torch.float32)).argmax(1).cpu() for v in val_tokens.split(512)])
     return {"acc": (pred == val_y.cpu()).float().mean().item(), "epochs": epochs}
+
+
+@torch.no_grad()
+def _normalised(tokens: torch.Tensor, eps: float, chunk: int = 256) -> torch.Tensor:
+    """Each token normalised over its features (LayerNorm without the affine), in float32, stored in
+    the tokens' dtype."""
+    return torch.cat([F.layer_norm(t.float(), t.shape[-1:], eps=eps).to(tokens.dtype) for t in tokens.split(chunk)])
