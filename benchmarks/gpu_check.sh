@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 4 and 6 in one run, each step under its own time limit so that one that
 # fails or overruns leaves the others' results. JSON and one log go to $OUT (the device tool's result
-# folder) or runs/gpu-check. SMOKE=1 runs every step at a tiny size (to try the script on a CPU).
+# folder) or runs/gpu-check. SMOKE=1 runs every step at a tiny size (to try the script on a CPU; the
+# vit_s step then without torch.compile).
 #
 #   bash benchmarks/gpu_check.sh [STEP ...]
 # steps: pretrain (eager, every K and variant), compiled, probe, loader, loader160, lean (compiled E2E
-# against the blockwise variants), profile, study (the GPU study of issue 5). The default is what
-# benchmarks/NOTES.md still lists first: study (then, in a second call, probe). Wheels the device lacks:
-# benchmarks/device_wheels.sh (loader: decord and PyAV; study: papermill and the rest).
+# against the blockwise variants), vit_s (compiled, every K), profile, study (the GPU study of issue 5).
+# The default is what benchmarks/NOTES.md still lists first: study (then, in a second call, probe
+# vit_s). Wheels the device lacks: benchmarks/device_wheels.sh (loader: decord and PyAV; study: papermill and the rest).
 set -u
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 LOG=$OUT/gpu_check.log
 if [ "${SMOKE:-0}" = 1 ]; then
-  P=tiny; B=4; STEPS="--steps 1 --warmup 0 --repeats 1 --peak-n 256"; CLIPS=200; VIDEOS=12; SIZE=32; W="0 2"
+  P=tiny; S=tiny; COMPILE=""; B=4; STEPS="--steps 1 --warmup 0 --repeats 1 --peak-n 256"; CLIPS=200; VIDEOS=12; SIZE=32; W="0 2"
 else
-  P=vit_b; B=64; STEPS="--steps 10 --warmup 3 --repeats 3"; CLIPS=10000; VIDEOS=192; SIZE=224; W="8 16"
+  P=vit_b; S=vit_s; COMPILE=--compile; B=64; STEPS="--steps 10 --warmup 3 --repeats 3"; CLIPS=10000; VIDEOS=192; SIZE=224; W="8 16"
 fi
 
 run() {  # run NAME LIMIT_S COMMAND...: one step, its output appended to the log
@@ -51,6 +52,9 @@ for step in $steps; do
     lean)  # compiled, HF anchor beside: E2E, K=4 with 4-layer decoders, 1-layer ones, 1-layer on half the hidden tubes
       run lean 230 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 4 \
         --variants memory light lean --compile --out "$OUT/pretrain_lean.json" ;;
+    vit_s)  # ViT-S, compiled, HF beside: E2E and K = 2, 4, 6, 12 with 4-layer decoders, per-block backward
+      run vit_s 240 python3 benchmarks/bench_pretrain.py --presets $S --batch $B $STEPS --blocks 2 4 6 12 \
+        --variants memory $COMPILE --out "$OUT/pretrain_vit_s.json" ;;
     profile)  # where a compiled E2E step spends its time, with flash and with cuDNN attention
       run profile 80 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 1 --compile \
         --no-hf --profile e2e --out "$OUT/profile_flash.json" --sdpa flash

@@ -161,12 +161,12 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: tor
 
 def _solve(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: torch.Tensor,
            max_iter: int, init: tuple[torch.Tensor, torch.Tensor] | None = None,
-           batched: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """_fit's problems: batched (the default on a GPU, where the calls, not the arithmetic, cost) all in
-    one solve; else one at a time, each stopping at its own convergence and, without `init`, starting
-    from the solution of the problem before it in its group when that one has the same labels (a
-    stronger l2 of the same family). Weights padded to the largest class count, absent classes' bias -inf."""
-    if z.device.type == "cuda" if batched is None else batched:
+           batched: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """_fit's problems: batched, all in one solve; else one at a time, each stopping at its own
+    convergence and, without `init`, starting from the solution of the problem before it in its group
+    when that one has the same labels (a stronger l2 of the same family). Weights padded to the
+    largest class count, absent classes' bias -inf."""
+    if batched:
         return _fit(z, ys, num_classes, l2, lam, max_iter, init)
     C, Bs, bs = max(num_classes), [], []
     l2 = torch.as_tensor(l2, dtype=torch.float64).expand(z.shape[0], len(num_classes)).tolist()  # (G, J)
