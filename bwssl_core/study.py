@@ -157,10 +157,22 @@ def run_study(out: str | Path, params: dict, notebooks=NOTEBOOK_ORDER, resume: b
     for name in notebooks:
         if resume and results_path(out, name).exists():
             continue
-        given = {k: v for k, v in params.items() if k in defaults(name)}
-        run_notebook(name, out / f"{name}.ipynb", {**given, "study": str(out)}, failure=out / "FAILED.json")
+        run_notebook(name, out / f"{name}.ipynb", {**notebook_params(params, name), "study": str(out)},
+                     failure=out / "FAILED.json")
     write_report(out)
     return out
+
+
+def notebook_params(params: dict, name: str) -> dict:
+    """The study parameters that notebook `name` takes. Notebook 02 probes every run that notebook 01
+    trains: `runs` follows `blocks` unless it is given itself."""
+    from .notebook import defaults
+
+    params = dict(params)
+    blocks = params.get("blocks")
+    if "runs" not in params and isinstance(blocks, list) and all(type(k) is int for k in blocks):
+        params["runs"] = [run_name(k) for k in blocks]  # a malformed `blocks` is left to notebook 01's check
+    return {k: v for k, v in params.items() if k in defaults(name)}
 
 
 # -- sweeps ----------------------------------------------------------------------------------------

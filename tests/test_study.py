@@ -10,7 +10,7 @@ from bwssl_core.cli import main
 from bwssl_core.io import RunError
 from bwssl_core.notebook import NOTEBOOKS, check, defaults
 from bwssl_core.io import save_json
-from bwssl_core.study import NOTEBOOK_ORDER, SMOKE, main_probe, results_path, run_study
+from bwssl_core.study import NOTEBOOK_ORDER, SMOKE, main_probe, results_path, run_name, run_study
 
 
 def test_every_notebook_is_paired_and_in_sync():
@@ -62,6 +62,21 @@ def test_sweep_takes_the_main_probe_only_when_it_covers_every_run(tmp_path):
     save_json(results_path(tmp_path, "02_probe"), {"parameters": {"runs": ["e2e", "bwssl-k2"]}})
     assert main_probe(tmp_path, ["e2e", "bwssl-k2"]) == results_path(tmp_path, "02_probe")
     assert main_probe(tmp_path, ["e2e", "bwssl-k4"]) is None
+
+
+def test_notebook_02_probes_every_run_notebook_01_trains():
+    """`blocks` alone (the GPU scale's [1, 2, 4], or -p blocks) gives notebook 02 every run, so that the
+    final table has them all and the sweep finds them probed; a given `runs` wins."""
+    from bwssl_core.study import GPU, notebook_params, sweep_points
+
+    probe = notebook_params(GPU, "02_probe")
+    assert probe["runs"] == ["e2e", "bwssl-k2", "bwssl-k4"] and "blocks" not in probe
+    assert notebook_params({"blocks": [1, 6]}, "02_probe")["runs"] == ["e2e", "bwssl-k6"]
+    assert notebook_params({"blocks": [1, 2], "runs": ["e2e"]}, "02_probe")["runs"] == ["e2e"]
+    assert "runs" not in notebook_params({"blocks": 2}, "02_probe")  # left to notebook 01's check
+    assert notebook_params(GPU, "01_pretrain")["blocks"] == [1, 2, 4] and "runs" not in notebook_params(GPU, "01_pretrain")
+    names = [run_name(k) for k in sweep_points(GPU["points"])[GPU["preset"]]]  # the sweep's points are probed
+    assert set(names) <= set(probe["runs"])
 
 
 def test_bad_study_parameters_stop_before_anything_runs(tmp_path):
