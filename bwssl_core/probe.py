@@ -143,7 +143,7 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: tor
     b = b0.masked_fill(absent, 0).requires_grad_(True)
     opt = torch.optim.LBFGS([P, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-4, tolerance_change=1e-9)
-    targets = ys.T[:, None].expand(n, G, J)  # (n, G, J)
+    targets = ys.T[:, None].expand(n, G, J).contiguous()  # (n, G, J)
 
     def closure():
         opt.zero_grad()
