@@ -65,7 +65,10 @@ for step in $steps; do
       run study 560 python3 -m bwssl_core study --scale $scale --out runs/study-device
       mkdir -p "$OUT/study"
       cp runs/study-device/report.html runs/study-device/FAILED.json "$OUT/study/" 2>/dev/null
-      python3 -c "import json, glob; json.dump({p: json.load(open(p)) for p in sorted(glob.glob('runs/study-device/results/*.json'))}, open('$OUT/study/results.json', 'w'))" ;;
+      python3 -c "import json, glob; json.dump({p: json.load(open(p)) for p in sorted(glob.glob('runs/study-device/results/*.json'))}, open('$OUT/study/results.json', 'w'))"
+      # everything else but checkpoints and cached features, as one file (the executed notebooks carry
+      # their cells' durations; each run its metrics.jsonl and config.json)
+      tar czf "$OUT/study/study.tgz" --exclude='*.pt' --exclude='features' runs/study-device ;;
     *) echo "unknown step $step" | tee -a "$LOG" ;;
   esac
 done
