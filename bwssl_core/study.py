@@ -34,8 +34,8 @@ def results_path(study: str | Path, notebook: str) -> Path:
 # parameters `bwssl study` sets over the notebooks' defaults: a smoke size for tests, and a larger
 # study when a GPU is there (the defaults are the 2-core CPU study). The GPU study keeps its clips as
 # tensors (rendered on the GPU, no codec; 6,000 clips of 16 x 112 x 112 are 3.6 GB) and must fit one
-# 10-minute device call: its small model's steps are bound by the host, so a larger batch costs
-# little per step (NOTES.md, "The GPU study: made to fit one call")
+# 10-minute device call: its small model's steps ran at 2-4% of the GPU's FLOPs, which points to the
+# host, so a larger batch should cost little per step (NOTES.md, "The GPU study: made to fit one call")
 SMOKE = {"data": "data/synth-smoke", "n_train": 64, "n_val": 32, "synth_size": 32, "preset": "tiny", "steps": 20,
          "batch_size": 8, "warmup_steps": 2, "attentive_families": ["motion"], "cka_batch": 16,
          "points": ["tiny:1", "tiny:2"]}
@@ -87,8 +87,8 @@ def train_run(out: str | Path, model_cfg, train_cfg, clips: torch.Tensor, device
 
 def on_device(clips: torch.Tensor, device: torch.device, share: float = 0.5) -> torch.Tensor:
     """`clips` moved to a CUDA device when they take at most `share` of its free memory, else as they are.
-    On a GPU the study's small-model steps are bound by the host (NOTES.md), and a batch gathered in host
-    memory, then copied from pageable memory, is part of that."""
+    On a GPU the study's small-model steps ran at a few percent of its FLOPs (NOTES.md); a batch gathered
+    in host memory, then copied from pageable memory, is host work that this removes."""
     if device.type != "cuda" or clips.device == device:
         return clips
     free, _ = torch.cuda.mem_get_info(device)
