@@ -54,6 +54,7 @@ warmup_steps = 160
 plain_target = True  # plain-pixel target (learns faster at CPU scale) instead of VideoMAE's normalised one
 mask_ratio = 0.9
 dec_keep = 1.0  # fraction of the hidden tubes each decoder reconstructs (VideoMAE V2's decoder masking)
+torch_compile = False  # torch.compile each block and decoder (small models' eager GPU steps are launch-bound: NOTES.md)
 seed = 0
 device = "auto"  # "auto": the local GPU if any, else the CPU
 recon_clips = 1  # validation clips whose per-block reconstructions are drawn
@@ -86,7 +87,7 @@ for k in blocks:
     name = run_name(k)
     mcfg = model_config(preset, blocks=k, mask_ratio=mask_ratio, norm_target=not plain_target, dec_keep=dec_keep)
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, base_lr=lr * 256 / batch_size, warmup_steps=warmup_steps,
-                       log_every=max(1, steps // 40), ckpt_every=max(1, steps // 4), seed=seed)
+                       log_every=max(1, steps // 40), ckpt_every=max(1, steps // 4), seed=seed, compile=torch_compile)
     last = train_run(run_dir(study, name), mcfg, tcfg, clips, dev, extra={"data": data, "preset": preset})
     rows = metrics(run_dir(study, name))
     summary[name] = {"blocks": k, "partition": list(mcfg.partition), "steps": last["step"],
