@@ -119,13 +119,13 @@ def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings
             if token_layers:
                 tr_t, va_t = token_level()
                 res["attentive"] = {fam: {"acc": [attentive_probe(tr_t[i], train_labels[fam], va_t[i], val_labels[fam],
-                                                                  seed=seed, device=device)["acc"]
+                                                                  seed=seed, device=device, precision=precision)["acc"]
                                                   for i in range(len(token_layers))], "layers": token_layers}
                                     for fam in (attentive_families or families)}
             return res
 
         probe_key = key_of("probe", features=feat_key, seed=seed, ks=list(ks), attentive=list(attentive_layers),
-                           attentive_families=list(attentive_families or families),
+                           precision=precision, attentive_families=list(attentive_families or families),
                            labels={f: tensor_hash(train_labels[f], val_labels[f]) for f in families})
         out[name] = store.get(probe_key, lambda: probes(store.get(feat_key, compute, meta)), meta)
     return out

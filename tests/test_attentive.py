@@ -14,10 +14,13 @@ def marker_tokens(n, g, L=16, D=8, slots=(1, 6, 9, 14)):
     return x, y
 
 
-def test_attentive_probe_reads_where_mean_pooling_cannot():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_attentive_probe_reads_where_mean_pooling_cannot(precision):
+    """In float32, and in bfloat16 (tokens stored so, matmuls under autocast) as on a GPU or a CPU
+    with native bf16."""
     g = torch.Generator().manual_seed(0)
     (tx, ty), (vx, vy) = marker_tokens(800, g), marker_tokens(400, g)
-    attentive = attentive_probe(tx, ty, vx, vy)["acc"]
+    attentive = attentive_probe(tx, ty, vx, vy, precision=precision)["acc"]
     pooled = linear_probe(tx.mean(1), ty, vx.mean(1), vy)["acc"]
     assert attentive > 0.85, attentive
     assert pooled < 0.4, pooled  # chance is 0.25
