@@ -62,9 +62,14 @@ for step in $steps; do
         --no-hf --out "$OUT/profile_cudnn.json" --sdpa cudnn flash ;;
     study)  # the GPU study (issue 5): clips kept as tensors, so no video codec is needed there
       if [ "${SMOKE:-0}" = 1 ]; then scale=smoke; else scale=gpu; fi
-      run study 560 python3 -m bwssl_core study --scale $scale --out runs/study-device
+      # --resume: a second call on the still-warm machine (runs/ is kept there between calls) continues a
+      # study the first one's limit stopped: finished notebooks are kept, training resumes from its
+      # checkpoint and probing from the feature cache
+      run study 560 python3 -m bwssl_core study --scale $scale --out runs/study-device --resume
       mkdir -p "$OUT/study"
       cp runs/study-device/report.html runs/study-device/FAILED.json "$OUT/study/" 2>/dev/null
+      mkdir -p "$OUT/study/probes"  # finished probe results, small, kept even if notebook 02 was stopped
+      cp runs/study-device/features/probe-* "$OUT/study/probes/" 2>/dev/null
       python3 -c "import json, glob; json.dump({p: json.load(open(p)) for p in sorted(glob.glob('runs/study-device/results/*.json'))}, open('$OUT/study/results.json', 'w'))"
       # everything else but checkpoints and cached features, as one file (the executed notebooks carry
       # their cells' durations; each run its metrics.jsonl and config.json)

@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="a notebook parameter (a Python literal, else a string), e.g. -p steps 400")
     st.add_argument("--scale", choices=("auto", "cpu", "gpu", "smoke"), default="auto",
-                    help="parameter set: cpu (2-core CPU, the notebooks' defaults), gpu (ViT-S width, 112 px, 10,000 "
-                         "clips), smoke (tiny, for tests); auto: gpu when CUDA is present, else cpu")
+                    help="parameter set: cpu (2-core CPU, the notebooks' defaults), gpu (ViT-S width, 112 px, 5,000 + "
+                         "1,000 clips), smoke (tiny, for tests); auto: gpu when CUDA is present, else cpu")
     st.add_argument("--smoke", action="store_true", help="the same as --scale smoke")
     st.add_argument("--resume", action="store_true", help="continue a study in --out; finished notebooks are kept")
     st.add_argument("--notebooks", help="comma-separated subset, e.g. 01_pretrain,02_probe (default: all, in order)")
