@@ -50,7 +50,7 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_token
     (N, L, D) of any float dtype, kept on their device and moved per batch. Fixed hyper-parameters for
     every model and control, so that rows compare. precision "bf16" ("auto": where it is native, as
     probe.feature_precision): the normalised tokens are kept in bfloat16 and the probe's matmuls run
-    under autocast (half the memory traffic: 2x faster on a 2-core CPU, NOTES.md); "fp32": tokens
+    under autocast (half the memory traffic: its epochs 2x faster on a 2-core CPU, NOTES.md); "fp32": tokens
     kept in their dtype, cast to float32 per batch."""
     if train_tokens.ndim != 3 or val_tokens.shape[1:] != train_tokens.shape[1:]:
         raise ConfigError(f"tokens: expected (N, L, D) for both splits, got train {tuple(train_tokens.shape)} "

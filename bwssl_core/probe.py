@@ -141,7 +141,7 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: tor
     counts = [num_classes[j] for j in order]
     # packed column k belongs to problem order[owner[k]], class cls[k]
     owner = torch.tensor([i for i, k in enumerate(counts) for _ in range(k)], device=z.device)  # (K,)
-    cls = torch.tensor([c for k in counts for c in range(k)], device=z.device)  # (K,)
+    cls = torch.tensor([i for k in counts for i in range(k)], device=z.device)  # (K,)
     slot = torch.tensor(order, device=z.device)[owner] * C + cls  # (K,) its place in the padded (J * C)
     groups = []  # (first column, first problem, problems, class count) of each class count
     for k in sorted(set(counts)):
