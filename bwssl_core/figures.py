@@ -109,6 +109,14 @@ def best_gain(probe_results: dict) -> dict:
     return best
 
 
+def attentive_rows(probe: dict[str, dict]) -> list[dict]:
+    """The token-level (attentive) probe's top-1 per run, model (trained and the controls) and family,
+    at the last of its layers."""
+    return [{"run": name, "model": m, "family": fam, "layers": str(r["layers"]), "acc": r["acc"][-1]}
+            for name, res in probe.items() for m in ("trained", *CONTROLS)
+            for fam, r in res[m].get("attentive", {}).items()]
+
+
 def html_table(rows: list[dict], digits: int = 3) -> str:
     """A plain HTML table of dict rows (floats rounded)."""
     if not rows:

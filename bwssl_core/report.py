@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from . import figures
+from . import figures, viz
 from .io import RunError, save_text
 from .study import NOTEBOOK_ORDER, metrics, results_path, run_dir
 
@@ -56,12 +56,28 @@ def write_report(study: str | Path) -> Path:
     for pooling in probe["poolings"]:
         fig(figures.probe_figure(probe["probe"], pooling))
     fig(figures.probe_figure(probe["probe"], "mean", "R@1"))
+    attentive = figures.attentive_rows(probe["probe"])
+    if attentive:
+        parts.append("<h3>Token-level (attentive) probe</h3>" + figures.html_table(attentive))
     if probe.get("analysis"):
         fig(figures.change_figure(probe["analysis"]))
         for name, a in probe["analysis"].items():
             if "cka_across" in a:
                 fig(figures.cka_figure(a["cka_across"], f"CKA across: {name} (rows) vs {probe['reference']}",
                                        rows=f"{name} layer", cols=f"{probe['reference']} layer"))
+    patches = _load(study, "03_patches")
+    if patches:
+        runs = patches["runs"]
+        summaries, partitions = {n: r["layers"] for n, r in runs.items()}, {n: r["partition"] for n, r in runs.items()}
+        parts.append(f"<h2>Patch level</h2><p>One clip (notebook 03: clip {patches['parameters']['clip']} of "
+                     f"the {patches['parameters']['split']} split): attention by layer, and each block's reconstruction error "
+                     "and how many input tubes its pooled output depends on (the exponential of the entropy of "
+                     f"the patch-influence map, {patches['parameters']['influence_method']}).</p>")
+        fig(viz.distance_figure(summaries, partitions))
+        fig(viz.mixing_figure(summaries))
+        parts.append(figures.html_table([{"run": n, "block": b["block"], "reconstruction error": b["recon_error"],
+                                          "influence: effective tubes": b["influence_effective_tubes"]}
+                                         for n, r in runs.items() for b in r["blocks"]]))
     sweep = _load(study, "04_sweep")
     if sweep:
         parts.append("<h2>Sweep</h2>" + figures.html_table(sweep["rows"]))

@@ -33,7 +33,8 @@ import plotly.io as pio
 from bwssl_core import notebook, viz
 from bwssl_core.analyze import analyze
 from bwssl_core.evaluate import depthwise, load_split
-from bwssl_core.figures import best_gain, change_figure, cka_figure, final_table, html_table, probe_figure
+from bwssl_core.figures import (attentive_rows, best_gain, change_figure, cka_figure, final_table, html_table,
+                                 probe_figure)
 from bwssl_core.io import save_json
 from bwssl_core.study import results_path, run_dir
 from bwssl_core.train import default_device, load_run
@@ -85,10 +86,7 @@ probe_figure(probe, "mean", "R@1").show()
 # Pooled metrics can miss what tokens carry about where and when.
 
 # %%
-attentive = [{"run": name, "model": m, "family": fam, "layers": str(r["layers"]), "acc": r["acc"][-1]}
-             for name, res in probe.items() for m in ("trained", "random_init", "pixels")
-             for fam, r in res[m].get("attentive", {}).items()]
-display(HTML(html_table(attentive)))
+display(HTML(html_table(attentive_rows(probe))))
 
 # %% [markdown]
 # ## Similarity and change across depth

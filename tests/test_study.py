@@ -49,6 +49,7 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     probe = json.loads(results_path(out, "02_probe").read_text())
     report = (out / "report.html").read_text()
     assert "Final table" in report and "bwssl-k2" in report and "random init" in report
+    assert "Token-level (attentive) probe" in report and "Patch level" in report and "effective tubes" in report
     assert {r["model"] for r in probe["table"]} == {"e2e", "bwssl-k2", "random init", "raw pixels"}
     assert set(probe["best_gain"]) == {"e2e", "bwssl-k2"}
     sweep = json.loads(results_path(out, "04_sweep").read_text())["rows"]
