@@ -203,3 +203,18 @@ def test_a_run_saved_before_a_field_existed_resumes(tiny, tmp_path):
     assert Trainer(cfg, _train_cfg(), tmp_path, resume=True, device="cpu").step == 4
     with pytest.raises(RunError, match=r"model\.dec_keep: run has 1\.0, now 0\.5"):
         Trainer(tiny(partition=(2, 2), dec_keep=0.5), _train_cfg(), tmp_path, resume=True, device="cpu")
+
+
+def test_normalize_video_is_the_reference_formula_and_leaves_its_input_alone():
+    """(x / 255 - mean) / std per channel, to the bit of the out-of-place float32 formula; a float input
+    is copied, not normalised in place."""
+    from bwssl_core.batches import normalize_video
+    from bwssl_core.config import PIXEL_MEAN, PIXEL_STD
+
+    x = torch.randint(0, 256, (2, 3, 4, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1, 1) for v in (PIXEL_MEAN, PIXEL_STD))
+    out = normalize_video(x)
+    assert out.dtype == torch.float32 and torch.equal(out, (x.float() / 255 - mean) / std)
+    f = x.float()
+    normalize_video(f)
+    assert torch.equal(f, x.float())
