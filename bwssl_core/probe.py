@@ -99,26 +99,12 @@ def pixel_features(clips, tubelet_size: int, patch_size: int, grid, poolings=POO
     return {kind: torch.cat(parts, 1) for kind, parts in out.items()}
 
 
-def _gram_eigh(xd: torch.Tensor, rel_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues lam (r,) and eigenvectors U (n, r) of the Gram matrix x x^T / n of float64 x (n, d),
-    those with lam <= rel_eps * max(lam) dropped."""
-    lam, U = torch.linalg.eigh(xd @ xd.T / len(xd))
+def _eigh_kept(m: torch.Tensor, rel_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues lam (r,) and eigenvectors (k, r) of a symmetric float64 matrix m (k, k), those with
+    lam <= rel_eps * max(lam) dropped."""
+    lam, V = torch.linalg.eigh(m)
     keep = lam > rel_eps * lam.max().clamp_min(1e-300)
-    return lam[keep], U[:, keep]
-
-
-def principal_basis(x: torch.Tensor, rel_eps: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
-    """An orthonormal basis V (d, r) of the row space of centred features x (n, d), and the variance
-    along each direction lam (r,): the eigenvectors of x^T x / n (through the n x n Gram matrix when
-    d > n), in float64, directions with lam <= rel_eps * max(lam) dropped."""
-    n, d = x.shape
-    xd = x.double()
-    if d > n:
-        lam, U = _gram_eigh(xd, rel_eps)
-        return (xd.T @ U / (n * lam).sqrt()).to(x.dtype), lam.to(x.dtype)  # right singular vectors
-    lam, V = torch.linalg.eigh(xd.T @ xd / n)
-    keep = lam > rel_eps * lam.max().clamp_min(1e-300)
-    return V[:, keep].to(x.dtype), lam[keep].to(x.dtype)
+    return lam[keep], V[:, keep]
 
 
 def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: torch.Tensor,
@@ -139,23 +125,20 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: tor
     J, C = ys.shape[0], max(num_classes)
     order = sorted(range(J), key=lambda j: num_classes[j])  # problems grouped by class count
     counts = [num_classes[j] for j in order]
-    # packed column k belongs to problem order[owner[k]], class cls[k]
-    owner = torch.tensor([i for i, k in enumerate(counts) for _ in range(k)], device=z.device)  # (K,)
-    cls = torch.tensor([i for k in counts for i in range(k)], device=z.device)  # (K,)
-    slot = torch.tensor(order, device=z.device)[owner] * C + cls  # (K,) its place in the padded (J * C)
+    prob = torch.tensor([j for j in order for _ in range(num_classes[j])], device=z.device)  # (K,) column -> problem
+    cls = torch.tensor([i for k in counts for i in range(k)], device=z.device)  # (K,) its class
+    slot = prob * C + cls  # (K,) its place in the padded (J * C)
     groups = []  # (first column, first problem, problems, class count) of each class count
     for k in sorted(set(counts)):
         i = counts.index(k)
         groups.append((sum(counts[:i]), i, counts.count(k), k))
-    l2s = torch.as_tensor(l2, dtype=z.dtype, device=z.device).expand(G, J)[:, order]  # (G, J) in packed order
-    l2k = l2s[:, owner]  # (G, K)
+    l2k = torch.as_tensor(l2, dtype=z.dtype, device=z.device).expand(G, J)[:, prob]  # (G, K)
     c = (lam[:, None] / 4 + l2k[..., None]).rsqrt()  # (G, K, r)
     if init is not None:
         B0, b0 = init[0].flatten(1, 2)[:, slot], init[1].flatten(1)[:, slot]  # (G, K, r), (G, K)
     else:
         B0, b0 = z.new_zeros(G, len(slot), r), z.new_zeros(G, len(slot))
-    P = (B0 / c).clone().requires_grad_(True)
-    b = b0.clone().requires_grad_(True)
+    P, b = (B0 / c).requires_grad_(True), b0.requires_grad_(True)  # fresh tensors either way
     spare = -len(slot) % 8  # zero columns: the CPU's matmul is up to 2x slower at a width not a multiple of 8
     opt = torch.optim.LBFGS([P, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-4, tolerance_change=1e-9)
@@ -220,13 +203,15 @@ class ProbeSpace:
         mean, std = train_x.mean(0), train_x.std(0) + 1e-6
         tx, vx = (train_x - mean) / std, (val_x - mean) / std
         n, d = tx.shape
-        if d <= n:
-            self.basis, self.lam = principal_basis(tx, rel_eps)  # (d, r), (r,)
+        xd = tx.double()
+        if d <= n:  # the eigenvectors of the covariance x^T x / n, in float64
+            lam, V = _eigh_kept(xd.T @ xd / n, rel_eps)
+            self.basis, self.lam = V.to(tx.dtype), lam.to(tx.dtype)  # (d, r), (r,)
             self.train, self.val = tx @ self.basis, vx @ self.basis  # (n, r), (m, r)
             return
         # wider than long: through the n x n Gram matrix, where the training coordinates are its scaled
         # eigenvectors, so neither they nor the validation ones need the (d, r) basis
-        lam, U = _gram_eigh(tx.double(), rel_eps)
+        lam, U = _eigh_kept(xd @ xd.T / n, rel_eps)
         scale = (n * lam).sqrt()
         w = (U / scale).to(tx.dtype)  # (n, r): the basis is tx^T w
         self.lam, self.train, self.val = lam.to(tx.dtype), (U * scale).to(tx.dtype), (vx @ tx.T) @ w
