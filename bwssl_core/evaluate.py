@@ -13,8 +13,8 @@ from .listfile import parse_list_file
 from .model import VideoMAE
 from .features import FeatureCache, encoder_hash, key_of, tensor_hash
 from .attentive import attentive_probe
-from .probe import (POOLINGS, ProbeSpace, feature_precision, layer_features, pixel_features, pixel_tokens, probe_spaces,
-                    retrieval)
+from .probe import (POOLINGS, ProbeSpace, feature_precision, layer_features, nearest, pixel_features, pixel_tokens,
+                    probe_spaces, recall_at)
 
 
 def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: int | None = None):
@@ -142,7 +142,8 @@ def probe_layers(train_feats: dict, train_labels: dict, val_feats: dict, val_lab
         for i in range(len(train_feats[pool])):
             tr_x, va_x = train_feats[pool][i].to(device), val_feats[pool][i].to(device)
             spaces.append(ProbeSpace(tr_x, va_x, basis=False))
-            found.append({fam: retrieval(tr_x, tr_y, va_x, va_y, ks) for fam, (tr_y, va_y) in labels.items()})
+            top = nearest(tr_x, va_x, max(ks))  # (m, max(ks)): the same neighbours for every family
+            found.append({fam: recall_at(top, tr_y, va_y, ks) for fam, (tr_y, va_y) in labels.items()})
         fitted = probe_spaces(spaces, labels, seed=seed)  # all layers at once (one solve on a GPU)
         res[pool] = {fam: {} for fam in families}
         for layer, hits in zip(fitted, found):

@@ -290,16 +290,23 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
 
 
 @torch.no_grad()
+def nearest(train_x: torch.Tensor, val_x: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Indices (m, k) of each validation clip's k nearest training clips by cosine similarity, nearest
+    first: the part of retrieval that no label enters, so one call serves every label family."""
+    if len(train_x) < k:
+        raise ConfigError(f"a gallery of {len(train_x)} clips is smaller than R@{k} needs")
+    gallery = F.normalize(train_x.float(), dim=1)
+    return torch.cat([(q @ gallery.T).topk(k, dim=1).indices for q in F.normalize(val_x.float(), dim=1).split(chunk)])
+
+
+def recall_at(top: torch.Tensor, train_y: torch.Tensor, val_y: torch.Tensor, ks=(1, 5, 10, 20, 50)) -> dict[str, float]:
+    """R@k from nearest()'s indices top (m, >= max(ks)): a hit at k when any of a query's k nearest shares its label."""
+    hits = train_y[top] == val_y[:, None]  # (m, kmax)
+    return {f"R@{k}": hits[:, :k].any(1).float().mean().item() for k in ks}
+
+
 def retrieval(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
               ks=(1, 5, 10, 20, 50), chunk: int = 1024) -> dict[str, float]:
     """VCOP / CoCLR protocol: every validation clip queries the training gallery by cosine
     similarity; a hit at k when any of its k nearest shares its label. No clip is dropped."""
-    if len(train_x) < max(ks):
-        raise ConfigError(f"a gallery of {len(train_x)} clips is smaller than R@{max(ks)} needs")
-    gallery = F.normalize(train_x.float(), dim=1)
-    hits = []
-    for q, y in zip(F.normalize(val_x.float(), dim=1).split(chunk), val_y.split(chunk)):
-        top = (q @ gallery.T).topk(max(ks), dim=1).indices  # (n, kmax)
-        hits.append(train_y[top] == y[:, None])
-    hits = torch.cat(hits)
-    return {f"R@{k}": hits[:, :k].any(1).float().mean().item() for k in ks}
+    return recall_at(nearest(train_x, val_x, max(ks), chunk), train_y, val_y, ks)

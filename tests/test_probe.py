@@ -15,6 +15,22 @@ def test_retrieval_by_hand():
         retrieval(gallery, labels, queries, torch.tensor([6, 7]))
 
 
+def test_probe_layers_retrieves_each_family_as_alone():
+    """probe_layers finds the neighbours once per layer: each family's R@k is what retrieval() gives it alone."""
+    from bwssl_core.evaluate import probe_layers
+
+    g = torch.Generator().manual_seed(0)
+    feats = {"train": {"mean": torch.randn(2, 60, 5, generator=g)}, "val": {"mean": torch.randn(2, 20, 5, generator=g)}}
+    tr = {"a": torch.randint(0, 3, (60,), generator=g), "b": torch.randint(0, 2, (60,), generator=g)}
+    va = {"a": torch.randint(0, 3, (20,), generator=g), "b": torch.randint(0, 2, (20,), generator=g)}
+    res = probe_layers(feats["train"], tr, feats["val"], va, ["a", "b"], ks=(1, 5))
+    for fam in ("a", "b"):
+        for layer in range(2):
+            alone = retrieval(feats["train"]["mean"][layer], tr[fam], feats["val"]["mean"][layer], va[fam], ks=(1, 5))
+            assert {k: res["mean"][fam][k][layer] for k in alone} == alone
+    assert res["mean"]["a"]["R@1"] != res["mean"]["b"]["R@1"]  # the families' labels do enter
+
+
 def test_linear_probe_reads_a_linear_label_and_not_noise():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 20, generator=g)
