@@ -91,5 +91,9 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_token
 
 @torch.no_grad()
 def _normalised(tokens: torch.Tensor, eps: float, dtype: torch.dtype, chunk: int = 256) -> torch.Tensor:
-    """Each token normalised over its features (LayerNorm without the affine), in float32, stored in `dtype`."""
-    return torch.cat([F.layer_norm(t.float(), t.shape[-1:], eps=eps).to(dtype) for t in tokens.split(chunk)])
+    """Each token normalised over its features (LayerNorm without the affine), in float32, stored in `dtype`
+    (written chunk by chunk into one tensor: no second full-size copy)."""
+    out = torch.empty(tokens.shape, dtype=dtype, device=tokens.device)
+    for part, t in zip(out.split(chunk), tokens.split(chunk)):
+        part.copy_(F.layer_norm(t.float(), t.shape[-1:], eps=eps))
+    return out
