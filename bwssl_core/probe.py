@@ -302,7 +302,8 @@ def nearest(train_x: torch.Tensor, val_x: torch.Tensor, k: int, chunk: int = 102
 def recall_at(top: torch.Tensor, train_y: torch.Tensor, val_y: torch.Tensor, ks=(1, 5, 10, 20, 50)) -> dict[str, float]:
     """R@k from nearest()'s indices top (m, >= max(ks)): a hit at k when any of a query's k nearest shares its label."""
     hits = train_y[top] == val_y[:, None]  # (m, kmax)
-    return {f"R@{k}": hits[:, :k].any(1).float().mean().item() for k in ks}
+    recall = torch.stack([hits[:, :k].any(1).float().mean() for k in ks]).tolist()  # one host sync, not one per k
+    return {f"R@{k}": r for k, r in zip(ks, recall)}
 
 
 def retrieval(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
