@@ -61,11 +61,12 @@ for step in $steps; do
       run profile-cudnn 50 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 1 --compile \
         --no-hf --out "$OUT/profile_cudnn.json" --sdpa cudnn flash ;;
     study)  # the GPU study (issue 5): clips kept as tensors, so no video codec is needed there
-      if [ "${SMOKE:-0}" = 1 ]; then scale=smoke; else scale=gpu; fi
+      # the smoke scale as tensors too: the device has no PyAV to write mp4
+      if [ "${SMOKE:-0}" = 1 ]; then scale=(smoke -p data_format tensor -p data data/synth-smoke-tensor); else scale=(gpu); fi
       # --resume: a second call on the still-warm machine (runs/ is kept there between calls) continues a
       # study the first one's limit stopped: finished notebooks are kept, training resumes from its
       # checkpoint and probing from the feature cache
-      run study 560 python3 -m bwssl_core study --scale $scale --out runs/study-device --resume
+      run study 560 python3 -m bwssl_core study --scale "${scale[@]}" --out runs/study-device --resume
       mkdir -p "$OUT/study"
       cp runs/study-device/report.html runs/study-device/FAILED.json "$OUT/study/" 2>/dev/null
       mkdir -p "$OUT/study/probes"  # finished probe results, small, kept even if notebook 02 was stopped

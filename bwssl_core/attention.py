@@ -38,7 +38,8 @@ def mean_attention_distance(attn: torch.Tensor, positions: torch.Tensor) -> tupl
     attn: (B, h, N, N); positions: (N, 3) or (B, N, 3) as token_positions gives.
     Returns (spatial, temporal), each (h,).
     """
-    pos = positions if positions.dim() == 3 else positions[None]  # (B or 1, N, 3)
+    pos = positions.to(attn.device)
+    pos = pos if pos.dim() == 3 else pos[None]  # (B or 1, N, 3)
     diff = pos[:, :, None, :] - pos[:, None, :, :]  # (B, N, N, 3)
     spatial = diff[..., 1:].norm(dim=-1)[:, None]  # (B, 1, N, N)
     temporal = diff[..., 0].abs()[:, None]

@@ -38,6 +38,14 @@ def test_mean_attention_distance_by_brute_force(tiny):
     assert s.item() == 0 and t.item() == 2.0
 
 
+def test_mean_attention_distance_follows_the_attention_device(tiny):
+    # token_positions builds on the CPU; on a GPU the attention is elsewhere (the GPU study's notebook
+    # 03 failed so). "meta" stands in for the other device here: a mix would raise
+    attn = torch.full((1, 2, 32, 32), 1 / 32, device="meta")
+    spatial, temporal = mean_attention_distance(attn, token_positions(tiny()))
+    assert spatial.device.type == temporal.device.type == "meta" and spatial.shape == (2,)
+
+
 def test_entropy_self_attention_and_rollout():
     N = 6
     uniform = torch.full((2, 2, N, N), 1 / N)
