@@ -35,7 +35,8 @@ def results_path(study: str | Path, notebook: str) -> Path:
 # study when a GPU is there (the defaults are the 2-core CPU study). The GPU study keeps its clips as
 # tensors (rendered on the GPU, no codec; 6,000 clips of 16 x 112 x 112 are 3.6 GB) and must fit one
 # 10-minute device call: its small model's steps ran at 2-4% of the GPU's FLOPs, which points to the
-# host, so a larger batch should cost little per step (NOTES.md, "The GPU study: made to fit one call")
+# host, so a larger batch should cost little per step (NOTES.md, "The GPU study: made to fit one call");
+# on an H100 notebooks 01 and 02 then took 463 s (NOTES.md, "GPU: an H100, session 8")
 SMOKE = {"data": "data/synth-smoke", "n_train": 64, "n_val": 32, "synth_size": 32, "preset": "tiny", "steps": 20,
          "batch_size": 8, "warmup_steps": 2, "attentive_families": ["motion"], "cka_batch": 16,
          "points": ["tiny:1", "tiny:2"]}

@@ -54,6 +54,7 @@ warmup_steps = 160
 plain_target = True  # plain-pixel target (learns faster at CPU scale) instead of VideoMAE's normalised one
 mask_ratio = 0.9
 dec_keep = 1.0  # fraction of the hidden tubes each decoder reconstructs (VideoMAE V2's decoder masking)
+dec_depth = 0  # decoder layers per block; 0: the preset's (deeper ones left motion below random init: NOTES.md)
 torch_compile = False  # torch.compile each block and decoder (small models' eager GPU steps are launch-bound: NOTES.md)
 seed = 0
 device = "auto"  # "auto": the local GPU if any, else the CPU
@@ -85,7 +86,8 @@ print("train clips", tuple(clips.shape), "validation clips", tuple(val_clips.sha
 summary = {}
 for k in blocks:
     name = run_name(k)
-    mcfg = model_config(preset, blocks=k, mask_ratio=mask_ratio, norm_target=not plain_target, dec_keep=dec_keep)
+    mcfg = model_config(preset, blocks=k, mask_ratio=mask_ratio, norm_target=not plain_target, dec_keep=dec_keep,
+                        **({"dec_depth": dec_depth} if dec_depth else {}))
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, base_lr=lr * 256 / batch_size, warmup_steps=warmup_steps,
                        log_every=max(1, steps // 40), ckpt_every=max(1, steps // 4), seed=seed, compile=torch_compile)
     last = train_run(run_dir(study, name), mcfg, tcfg, clips, dev, extra={"data": data, "preset": preset})

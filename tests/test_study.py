@@ -28,7 +28,7 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     """(With the data as clip tensors, as the GPU study keeps them; the notebooks' own tests and the
     browser test read mp4 data.)"""
     out, data = tmp_path / "study", tmp_path / "data"
-    params = {**SMOKE, "data": str(data), "data_format": "tensor", "points": ["tiny:1", "tiny:4"]}
+    params = {**SMOKE, "data": str(data), "data_format": "tensor", "points": ["tiny:1", "tiny:4"], "dec_depth": 2}
     with pytest.raises(RunError, match="notebook 02_probe failed in cell"):
         run_study(out, {**params, "families": ["texture"]})
     failed = json.loads((out / "FAILED.json").read_text())
@@ -39,7 +39,7 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     with pytest.raises(RunError, match="already holds a study"):
         run_study(out, params)  # never silently over a study
     assert main(["study", "--smoke", "--resume", "--out", str(out), "-p", "data", str(data), "-p", "data_format",
-                 "tensor", "-p", "points", "['tiny:1', 'tiny:4']"]) == 0
+                 "tensor", "-p", "points", "['tiny:1', 'tiny:4']", "-p", "dec_depth", "2"]) == 0
     assert (data / "train.pt").exists() and not (data / "train.csv").exists()
     assert (out / "01_pretrain.ipynb").stat().st_mtime_ns == first  # finished: not run again
     assert (out / "runs" / "e2e" / "checkpoint.pt").stat().st_mtime_ns == trained
@@ -56,6 +56,8 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     assert {r["blocks"] for r in sweep} == {0, 1, 4}  # the points' runs and their random-init control
     assert (out / "sweep" / "tiny" / "runs" / "e2e").is_symlink()  # the main study's run, not trained again
     assert (out / "sweep" / "tiny" / "runs" / "bwssl-k4" / "checkpoint.pt").exists()
+    for run in ("runs/e2e", "sweep/tiny/runs/bwssl-k4"):  # the tiny preset has 1 decoder layer; 2 were asked
+        assert json.loads((out / run / "config.json").read_text())["model"]["dec_depth"] == 2, run
 
 
 def test_sweep_takes_the_main_probe_only_when_it_covers_every_run(tmp_path):
