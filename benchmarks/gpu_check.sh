@@ -5,10 +5,11 @@
 # vit_s step then without torch.compile).
 #
 #   bash benchmarks/gpu_check.sh [STEP ...]
-# steps: pretrain (eager, every K and variant), compiled, probe, loader, loader160, lean (compiled E2E
-# against the blockwise variants), vit_s (compiled, every K), profile, study (the GPU study of issue 5).
-# The default is what benchmarks/NOTES.md still lists first: study (then, in a second call, probe
-# vit_s). Wheels the device lacks: benchmarks/device_wheels.sh (loader: decord and PyAV; study: papermill and the rest).
+# steps: pretrain (eager, every K and variant), compiled, ratio (compiled E2E against HF, ViT-B), probe,
+# loader, loader160, lean (compiled E2E against the blockwise variants, HF beside), vit_s (compiled, every
+# K), profile, study (the GPU study of issue 5). The default is what benchmarks/NOTES.md still lists
+# first: ratio lean profile. Wheels the device lacks: benchmarks/device_wheels.sh (loader: decord and
+# PyAV; study: papermill and the rest).
 set -u
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
@@ -29,7 +30,7 @@ run() {  # run NAME LIMIT_S COMMAND...: one step, its output appended to the log
   echo "== $name: rc=$? in $((SECONDS - tic)) s" | tee -a "$LOG"
 }
 
-steps=${*:-study}
+steps=${*:-ratio lean profile}
 { date -Is; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
   python3 -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1; } | tee -a "$LOG"
@@ -41,6 +42,9 @@ for step in $steps; do
     compiled)  # torch.compile: E2E and K=4 with 1-layer decoders
       run compiled 150 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 4 \
         --variants light --compile --no-hf --out "$OUT/pretrain_compiled.json" ;;
+    ratio)  # the issue's first target: compiled E2E against HF sdpa in one process, ViT-B, batch 64
+      run ratio 120 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 1 $COMPILE \
+        --out "$OUT/pretrain_ratio.json" ;;
     probe)  # features plus probes, all layers, over 10,000 clips
       run probe 100 python3 benchmarks/bench_probe.py --preset $P --clips $CLIPS --out "$OUT/probe.json" ;;
     loader)  # decord, cache + CPU transform, cache -> GPU (+ gpu_augment) at the training batch

@@ -60,14 +60,19 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dec_dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dec_dim, cfg.tube_dim)
 
-    def forward(self, z: torch.Tensor, ids_keep: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, ids_keep: torch.Tensor, ids_mask: torch.Tensor,
+                target: torch.Tensor | None = None) -> torch.Tensor:
+        """The predicted tubes, or with `target` (B, N_mask, t*p*p*C) their float32 mean squared error
+        (inside this module, so that a compiled decoder fuses the loss and its gradient into one kernel
+        each instead of writing float32 copies of the prediction)."""
         n_mask = ids_mask.shape[1]
         x = self.embed(z) + self.pos[ids_keep]  # (B, N_vis, Dd)
         m = self.mask_token + self.pos[ids_mask]  # (B, N_mask, Dd)
         x = torch.cat([x, m.to(x.dtype)], dim=1)  # visible first, then hidden (VideoMAE's order)
         for layer in self.layers:
             x = layer(x)
-        return self.head(self.norm(x[:, -n_mask:]))
+        pred = self.head(self.norm(x[:, -n_mask:]))
+        return pred if target is None else F.mse_loss(pred.float(), target)
 
 
 class VideoMAE(nn.Module):
@@ -115,20 +120,22 @@ class VideoMAE(nn.Module):
 
     def forward(self, video: torch.Tensor, mask: Mask | None = None, *, generator: torch.Generator | None = None,
                 backward: Callable[[int, torch.Tensor], None] | None = None,
-                stages: Sequence[nn.Module] | None = None, decoders: Sequence[nn.Module] | None = None
+                stages: Sequence[nn.Module] | None = None, decoders: Sequence[nn.Module] | None = None,
+                make_target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
                 ) -> list[torch.Tensor]:
         """Per-block reconstruction losses for a normalised video (B, C, T, H, W).
 
         mask: which tokens to hide; drawn from `generator` when None.
         backward: memory mode: called as backward(k, loss_k) as soon as block k's loss exists, so its
             activations are freed before the next block runs; the returned losses are then detached.
-        stages, decoders: stand-ins for self.stages / self.decoders (the trainer passes DDP wrappers).
+        stages, decoders, make_target: stand-ins for self.stages / self.decoders / self.target (the
+            trainer passes DDP wrappers and compiled copies).
         """
         self.check_input(video)
         stages = self.stages if stages is None else stages
         decoders = self.decoders if decoders is None else decoders
         mask = self.random_mask(video.shape[0], generator) if mask is None else mask
-        target = self.target(video, mask.decode)  # the hidden tubes the decoders reconstruct
+        target = (make_target or self.target)(video, mask.decode)  # the hidden tubes the decoders reconstruct
         batched_decoder = self.cfg.dec_shared and backward is None  # one call for all blocks
         x, outputs, losses = video, [], []
         for k, stage in enumerate(stages):
@@ -136,8 +143,7 @@ class VideoMAE(nn.Module):
             if batched_decoder:
                 outputs.append(z)
                 continue
-            pred = decoders[0 if self.cfg.dec_shared else k](z, mask.ids_keep, mask.decode)
-            loss = F.mse_loss(pred.float(), target)
+            loss = decoders[0 if self.cfg.dec_shared else k](z, mask.ids_keep, mask.decode, target)
             if backward is not None:
                 backward(k, loss)
                 loss = loss.detach()

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .batches import normalize_video
@@ -44,7 +43,7 @@ from .config import ConfigError, ModelConfig, TrainConfig, to_dict
 from .io import RunError, save_checkpoint, save_json
 from .masking import Mask
 from .model import VideoMAE
-from .train import claim_folder, compile_module, default_device, lr_at, param_groups, peak_memory_gib, step_mask
+from .train import claim_folder, compile_module, compiled, default_device, lr_at, param_groups, peak_memory_gib, step_mask
 
 
 class BlockWorker:
@@ -65,6 +64,7 @@ class BlockWorker:
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=0.0,
                                            betas=(tcfg.beta1, tcfg.beta2), **fused)
+        self.make_target = compiled(model.target) if tcfg.compile else model.target
         if tcfg.compile:
             compile_module(self.stage)
             compile_module(self.decoder)
@@ -78,9 +78,9 @@ class BlockWorker:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, t)
         with self.autocast():
-            target = self.model.target(video, mask.decode)
+            target = self.make_target(video, mask.decode)
             x, z = self.stage(x if self.k == 0 else x.detach(), mask.ids_keep)
-            loss = F.mse_loss(self.decoder(z, mask.ids_keep, mask.decode).float(), target)
+            loss = self.decoder(z, mask.ids_keep, mask.decode, target)
             with torch.autocast(self.device.type, enabled=False):
                 loss.backward()
         if t.clip_grad > 0:

@@ -99,6 +99,13 @@ def compile_module(module: torch.nn.Module) -> None:
     module.compile(dynamic=False)
 
 
+def compiled(fn: Callable) -> Callable:
+    """torch.compile of a function, with static shapes as compile_module. The reconstruction target
+    (un-normalise, patchify, gather, per-tube normalise) is several passes over the whole float32 clip
+    when eager, one fused reduction and one write when compiled (5x faster on the CPU at ViT-B size)."""
+    return torch.compile(fn, dynamic=False)
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -129,6 +136,7 @@ class Trainer:
         self.step, self.saved_step = 0, None  # saved_step: the step of the checkpoint on disk
         self._prepare_folder(resume, overwrite)
         self.stages, self.decoders = self._wrap(self.model.stages), self._wrap(self.model.decoders)
+        self.make_target = compiled(self.model.target) if self.tcfg.compile else self.model.target
         bf16 = self.tcfg.precision == "bf16" or (self.tcfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
@@ -211,7 +219,7 @@ class Trainer:
 
         with self.autocast():
             losses = self.model(video, mask, backward=backward if t.per_block_backward else None,
-                                stages=self.stages, decoders=self.decoders)
+                                stages=self.stages, decoders=self.decoders, make_target=self.make_target)
         if not t.per_block_backward:
             torch.stack(losses).sum().backward()
         if t.clip_grad > 0:

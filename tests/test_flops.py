@@ -96,10 +96,12 @@ def test_gpu_check_script_runs_its_steps_in_smoke_mode(tmp_path):
     script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
     env = {**os.environ, "OUT": str(tmp_path), "SMOKE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3: this interpreter
-    subprocess.run(["bash", str(script), "pretrain", "probe", "vit_s", "nonsense"], cwd=script.parents[1], env=env,
+    subprocess.run(["bash", str(script), "pretrain", "ratio", "probe", "vit_s", "nonsense"], cwd=script.parents[1], env=env,
                    check=True, capture_output=True, timeout=600)
     log = (tmp_path / "gpu_check.log").read_text()
-    assert "== pretrain: rc=0" in log and "== probe: rc=0" in log and "== vit_s: rc=0" in log
+    assert all(f"== {step}: rc=0" in log for step in ("pretrain", "ratio", "probe", "vit_s"))
+    ratio = json.loads((tmp_path / "pretrain_ratio.json").read_text())["rows"]
+    assert [r["impl"] for r in ratio] == ["hf_sdpa", "e2e"] and ratio[1]["vs_hf"] > 0
     assert "unknown step nonsense" in log
     small = json.loads((tmp_path / "pretrain_vit_s.json").read_text())["rows"]
     assert {r["blocks"] for r in small} == {1, 2, 4}  # the tiny preset's 4 layers: no K = 6, 12

@@ -34,6 +34,11 @@ def test_decoder_predicts_masked_tubes(tiny, clips):
     assert x.shape == (4, c.num_visible, c.embed_dim)
     pred = model.decoders[0](z, mask.ids_keep, mask.ids_mask)
     assert pred.shape == (4, c.num_tokens - c.num_visible, c.tube_dim)
+    target = model.target(clips(), mask.ids_mask)
+    loss = model.decoders[0](z, mask.ids_keep, mask.ids_mask, target)  # with a target: its loss
+    assert loss.shape == () and loss > 0
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, target), rtol=0, atol=0)
+    assert model(clips(), mask)[0] == loss  # the loss the model trains on
 
 
 def test_visible_tubes_embed_as_the_convolution_does(tiny, clips):
