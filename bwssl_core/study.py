@@ -37,13 +37,16 @@ def results_path(study: str | Path, notebook: str) -> Path:
 # 10-minute device call: its small model's steps ran at 2-4% of the GPU's FLOPs, which points to the
 # host, so a larger batch should cost little per step (NOTES.md, "The GPU study: made to fit one call");
 # on an H100 notebooks 01 and 02 then took 463 s (NOTES.md, "GPU: an H100, session 8"). Its lr is the
-# one at which 12 layers learned motion in CPU trials; at 1e-3 or more they lost it (same section)
+# one at which 12 layers learned motion in CPU trials; at 1e-3 or more they lost it (same section). With
+# it the whole study took 405 s on an H100 (session 9), the sweep 6 s of that: its points were notebook
+# 01's runs. The sweep now also trains the CPU study's smaller model (64 px, 4 layers) at this scale,
+# so that the GPU study too compares model sizes (not yet run on a GPU: expected about 2 minutes more)
 SMOKE = {"data": "data/synth-smoke", "n_train": 64, "n_val": 32, "synth_size": 32, "preset": "tiny", "steps": 20,
          "batch_size": 8, "warmup_steps": 2, "attentive_families": ["motion"], "cka_batch": 16,
          "points": ["tiny:1", "tiny:2"]}
 GPU = {"data": "data/synth-112-5k", "data_format": "tensor", "n_train": 5000, "n_val": 1000, "synth_size": 112,
        "preset": "gpu", "steps": 1200, "batch_size": 128, "warmup_steps": 120, "lr": 3e-4, "blocks": [1, 2, 4],
-       "points": ["gpu:1", "gpu:2", "gpu:4"]}
+       "points": ["gpu:1", "gpu:2", "gpu:4", "cpu:1", "cpu:2", "cpu:4"]}
 
 
 def scale_params(scale: str, cuda: bool) -> dict:
