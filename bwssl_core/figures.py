@@ -109,6 +109,22 @@ def best_gain(probe_results: dict) -> dict:
     return best
 
 
+def best_layers(probe: dict[str, dict], reference: str = "e2e") -> list[dict]:
+    """Per family and pooling (the attentive probe too), every run's best-layer top-1 beside both controls
+    (the reference's architecture) and `margin`: the weakest run's lead over the stronger control (negative:
+    some run is below a control), so that a claim such as "motion clears the controls" reads off one row
+    with its size."""
+    ref = probe.get(reference) or next(iter(probe.values()))
+    rows = []
+    for pool, fams in ref["trained"].items():
+        for fam in fams:
+            runs = {name: max(res["trained"][pool][fam]["acc"]) for name, res in probe.items()}
+            controls = {label: max(ref[key][pool][fam]["acc"]) for key, label in CONTROLS.items()}
+            rows.append({"family": fam, "pooling": pool, **runs, **controls,
+                         "margin": min(runs.values()) - max(controls.values())})
+    return sorted(rows, key=lambda r: r["family"])
+
+
 def attentive_rows(probe: dict[str, dict]) -> list[dict]:
     """The token-level (attentive) probe's top-1 per run, model (trained and the controls) and family,
     at the last of its layers."""

@@ -33,8 +33,8 @@ import plotly.io as pio
 from bwssl_core import notebook, viz
 from bwssl_core.analyze import analyze
 from bwssl_core.evaluate import depthwise, load_split
-from bwssl_core.figures import (attentive_rows, best_gain, change_figure, cka_figure, final_table, html_table,
-                                 probe_figure)
+from bwssl_core.figures import (attentive_rows, best_gain, best_layers, change_figure, cka_figure, final_table,
+                                 html_table, probe_figure)
 from bwssl_core.io import save_json
 from bwssl_core.study import results_path, run_dir
 from bwssl_core.train import default_device, load_run
@@ -107,15 +107,19 @@ change_figure(analysis).show()
 
 # %% [markdown]
 # ## The final table
-# Linear probe and R@1 at the last layer, mean pooling, with the gap to the reference run.
+# Linear probe and R@1 at the last layer, mean pooling, with the gap to the reference run; then each run's
+# best gain over random init, and every family and pooling's best layer against both controls.
 
 # %%
 table = final_table(probe, "mean", reference)
 gains = {name: best_gain(res) for name, res in probe.items()}
+layers = best_layers(probe, reference)  # each family and pooling: every run's best layer against both controls
 display(HTML(html_table(table)))
 display(HTML(html_table([{"run": n, **g} for n, g in gains.items()])))
+display(HTML(html_table(layers)))
 
 # %%
 save_json(results_path(study, "02_probe"), {"notebook": "02_probe", "parameters": P, "poolings": poolings,
                                             "reference": reference, "probe": probe, "analysis": analysis,
-                                            "table": table, "best_gain": gains, "seconds": seconds})
+                                            "table": table, "best_gain": gains, "best_layers": layers,
+                                            "seconds": seconds})

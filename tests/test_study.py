@@ -52,6 +52,9 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     assert "Token-level (attentive) probe" in report and "Patch level" in report and "effective tubes" in report
     assert {r["model"] for r in probe["table"]} == {"e2e", "bwssl-k2", "random init", "raw pixels"}
     assert set(probe["best_gain"]) == {"e2e", "bwssl-k2"}
+    motion = [r for r in probe["best_layers"] if r["family"] == "motion"]
+    assert {r["pooling"] for r in motion} == {*probe["poolings"], "attentive"} and {"e2e", "bwssl-k2", "raw pixels"} <= set(motion[0])
+    assert "Best layer of every run against both controls" in report
     sweep = json.loads(results_path(out, "04_sweep").read_text())["rows"]
     assert {r["blocks"] for r in sweep} == {0, 1, 4}  # the points' runs and their random-init control
     assert (out / "sweep" / "tiny" / "runs" / "e2e").is_symlink()  # the main study's run, not trained again

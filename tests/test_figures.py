@@ -1,0 +1,26 @@
+"""Study tables from probe results (figures.py)."""
+import pytest
+
+from bwssl_core.figures import best_gain, best_layers
+
+
+def _res(acc_by_pool_family):
+    return {pool: {fam: {"acc": acc} for fam, acc in fams.items()} for pool, fams in acc_by_pool_family.items()}
+
+
+def _probe():
+    controls = {"random_init": _res({"mean": {"motion": [0.5, 0.6], "shape": [0.4, 0.3]}}),
+                "pixels": _res({"mean": {"motion": [0.7], "shape": [0.2]}})}
+    return {"e2e": {"trained": _res({"mean": {"motion": [0.65, 0.8], "shape": [0.5, 0.45]}}), **controls},
+            "bwssl-k2": {"trained": _res({"mean": {"motion": [0.69, 0.6], "shape": [0.35, 0.38]}}), **controls}}
+
+
+def test_best_layers_sets_every_run_beside_both_controls():
+    rows = {r["family"]: r for r in best_layers(_probe(), "e2e")}
+    assert rows["motion"].pop("margin") == pytest.approx(-0.01)  # K=2 is under the pixels
+    assert rows["motion"] == {"family": "motion", "pooling": "mean", "e2e": 0.8, "bwssl-k2": 0.69,
+                              "random init": 0.6, "raw pixels": 0.7}
+    assert rows["shape"]["margin"] == pytest.approx(0.38 - 0.4) and rows["shape"]["random init"] == 0.4  # best layer
+    gain = best_gain(_probe()["bwssl-k2"])
+    assert gain.pop("gain") == pytest.approx(0.09)
+    assert gain == {"family": "motion", "pooling": "mean", "trained": 0.69, "random_init": 0.6}
