@@ -43,7 +43,8 @@ from .config import ConfigError, ModelConfig, TrainConfig, to_dict
 from .io import RunError, save_checkpoint, save_json
 from .masking import Mask
 from .model import VideoMAE
-from .train import claim_folder, compile_module, compiled, default_device, lr_at, param_groups, peak_memory_gib, step_mask
+from .train import (claim_folder, compile_module, compiled, default_device, lr_at, param_groups, peak_memory_gib,
+                    step_mask)
 
 
 class BlockWorker:

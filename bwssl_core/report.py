@@ -54,7 +54,8 @@ def write_report(study: str | Path) -> Path:
     parts.append("<h3>Learning: best layer against random init</h3>" + figures.html_table(
         [{"run": n, **g} for n, g in probe["best_gain"].items()]))
     if probe.get("best_layers"):
-        parts.append("<h3>Best layer of every run against both controls</h3>" + figures.html_table(probe["best_layers"]))
+        parts.append("<h3>Best layer of every run against both controls</h3>"
+                     + figures.html_table(probe["best_layers"]))
     for pooling in probe["poolings"]:
         fig(figures.probe_figure(probe["probe"], pooling))
     fig(figures.probe_figure(probe["probe"], "mean", "R@1"))

@@ -96,8 +96,8 @@ def test_gpu_check_script_runs_its_steps_in_smoke_mode(tmp_path):
     script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
     env = {**os.environ, "OUT": str(tmp_path), "SMOKE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3: this interpreter
-    subprocess.run(["bash", str(script), "pretrain", "ratio", "probe", "vit_s", "nonsense"], cwd=script.parents[1], env=env,
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(["bash", str(script), "pretrain", "ratio", "probe", "vit_s", "nonsense"], cwd=script.parents[1],
+                   env=env, check=True, capture_output=True, timeout=600)
     log = (tmp_path / "gpu_check.log").read_text()
     assert all(f"== {step}: rc=0" in log for step in ("pretrain", "ratio", "probe", "vit_s"))
     ratio = json.loads((tmp_path / "pretrain_ratio.json").read_text())["rows"]
