@@ -37,10 +37,9 @@ def results_path(study: str | Path, notebook: str) -> Path:
 # 10-minute device call: its small model's steps ran at 2-4% of the GPU's FLOPs, which points to the
 # host, so a larger batch should cost little per step (NOTES.md, "The GPU study: made to fit one call");
 # on an H100 notebooks 01 and 02 then took 463 s (NOTES.md, "GPU: an H100, session 8"). Its lr is the
-# one at which 12 layers learned motion in CPU trials; at 1e-3 or more they lost it (same section). With
-# it the whole study took 405 s on an H100 (session 9), the sweep 6 s of that: its points were notebook
-# 01's runs. The sweep now also trains the CPU study's smaller model (64 px, 4 layers) at this scale,
-# so that the GPU study too compares model sizes (not yet run on a GPU: expected about 2 minutes more)
+# one at which 12 layers learned motion in CPU trials; at 1e-3 or more they lost it (same section). The
+# sweep also trains the CPU study's smaller model (64 px, 4 layers), so that the GPU study compares model
+# sizes too (NOTES.md, "GPU: an H100, session 9", and its list of what is still to measure)
 SMOKE = {"data": "data/synth-smoke", "n_train": 64, "n_val": 32, "synth_size": 32, "preset": "tiny", "steps": 20,
          "batch_size": 8, "warmup_steps": 2, "attentive_families": ["motion"], "cka_batch": 16,
          "points": ["tiny:1", "tiny:2"]}
