@@ -12,7 +12,7 @@ from .config import ConfigError, ModelConfig
 from .listfile import parse_list_file
 from .model import VideoMAE
 from .features import FeatureCache, encoder_hash, key_of, tensor_hash
-from .attentive import attentive_probe
+from .attentive import PROTOCOL as ATTENTIVE_PROTOCOL, attentive_probe
 from .probe import (POOLINGS, ProbeSpace, feature_precision, layer_features, nearest, pixel_features, pixel_tokens,
                     probe_spaces, recall_at)
 
@@ -118,13 +118,15 @@ def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings
             res = probe_layers(feats["train"], train_labels, feats["val"], val_labels, families, seed, ks, device)
             if token_layers:
                 tr_t, va_t = token_level()
-                res["attentive"] = {fam: {"acc": [attentive_probe(tr_t[i], train_labels[fam], va_t[i], val_labels[fam],
-                                                                  seed=seed, device=device, precision=precision)["acc"]
-                                                  for i in range(len(token_layers))], "layers": token_layers}
-                                    for fam in (attentive_families or families)}
+                res["attentive"] = {}
+                for fam in attentive_families or families:
+                    fits = [attentive_probe(tr_t[i], train_labels[fam], va_t[i], val_labels[fam], seed=seed,
+                                            device=device, precision=precision) for i in range(len(token_layers))]
+                    res["attentive"][fam] = {"layers": token_layers, **{k: [f[k] for f in fits] for k in fits[0]}}
             return res
 
         probe_key = key_of("probe", features=feat_key, seed=seed, ks=list(ks), attentive=list(attentive_layers),
+                           attentive_protocol=ATTENTIVE_PROTOCOL,
                            precision=precision, attentive_families=list(attentive_families or families),
                            labels={f: tensor_hash(train_labels[f], val_labels[f]) for f in families})
         out[name] = store.get(probe_key, lambda: probes(store.get(feat_key, compute, meta)), meta)

@@ -127,8 +127,10 @@ def best_layers(probe: dict[str, dict], reference: str = "e2e") -> list[dict]:
 
 def attentive_rows(probe: dict[str, dict]) -> list[dict]:
     """The token-level (attentive) probe's top-1 per run, model (trained and the controls) and family,
-    at the last of its layers."""
-    return [{"run": name, "model": m, "family": fam, "layers": str(r["layers"]), "acc": r["acc"][-1]}
+    at the last of its layers, with the epoch it kept of its budget (chosen on held-out clips: one at the
+    budget's end may want more)."""
+    return [{"run": name, "model": m, "family": fam, "layers": str(r["layers"]), "acc": r["acc"][-1],
+             **({"epoch": f"{r['epoch'][-1]} of {r['epochs'][-1]}"} if "epoch" in r else {})}
             for name, res in probe.items() for m in ("trained", *CONTROLS)
             for fam, r in res[m].get("attentive", {}).items()]
 
@@ -141,5 +143,5 @@ def html_table(rows: list[dict], digits: int = 3) -> str:
     fmt = lambda v: f"{v:+.{digits}f}" if isinstance(v, float) and v < 0 else (  # noqa: E731
         f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v)))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(r[c])}</td>" for c in cols) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table class='results'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

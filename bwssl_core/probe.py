@@ -234,6 +234,14 @@ class ProbeSpace:
         return probe_spaces([self], labels, **kwargs)[0]
 
 
+def holdout_split(n: int, holdout: float, seed: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the held-out rows (a `holdout` fraction of n, at least one) and of the rest, drawn by
+    `seed`: every probe of a seed holds out the same training clips."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    n_hold = max(1, int(n * holdout))
+    return order[:n_hold], order[n_hold:]
+
+
 def probe_spaces(spaces: list[ProbeSpace], labels: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  l2_grid=(1e-1, 1e-2, 1e-3, 1e-4), holdout: float = 0.2, seed: int = 0, max_iter: int = 100,
                  batched: bool = True) -> list[dict[str, dict]]:
@@ -265,9 +273,7 @@ def probe_spaces(spaces: list[ProbeSpace], labels: dict[str, tuple[torch.Tensor,
     fams, grid = list(labels), sorted(l2_grid, reverse=True)
     train_y = torch.stack([labels[f][0] for f in fams]).to(dev)  # (F, n)
     val_y = torch.stack([labels[f][1] for f in fams]).to(dev)  # (F, m)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(dev)
-    n_hold = max(1, int(n * holdout))
-    hold, rows = order[:n_hold], order[n_hold:]
+    hold, rows = holdout_split(n, holdout, seed, dev)
     # problem j = (family j // len(grid), l2 grid[j % len(grid)])
     ys = train_y.repeat_interleave(len(grid), 0)  # (F * G, n)
     B, b = _solve(tz[:, rows], ys[:, rows], [counts[f] for f in fams for _ in grid], grid * len(fams), lam,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bwssl_core.attentive import attentive_probe
-from bwssl_core.probe import linear_probe
+from bwssl_core.probe import holdout_split, linear_probe
 
 
 def marker_tokens(n, g, L=16, D=8, slots=(1, 6, 9, 14)):
@@ -41,6 +41,46 @@ def test_attentive_probe_runs_on_few_steps(n, epochs):
     (tx, ty), (vx, vy) = marker_tokens(n, g), marker_tokens(50, g)
     res = attentive_probe(tx, ty, vx, vy, epochs=epochs)
     assert res["epochs"] == epochs and 0 <= res["acc"] <= 1
+
+
+def noisy_markers(seed, n=200):
+    """marker_tokens with 30% of the labels redrawn: the held-out score goes up and down over epochs."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = marker_tokens(n, g)
+    flip = torch.rand(n, generator=g) < 0.3
+    return x, torch.where(flip, torch.randint(0, 4, (n,), generator=g), y)
+
+
+def test_held_out_clips_never_train():
+    """With holdout, the probe trains on the other rows only (the linear probe's split of the same seed)
+    and scores the held-out ones after each epoch: its last score equals that of a probe trained on the
+    other rows alone, validated on the held-out ones."""
+    x, y = noisy_markers(1)
+    hold, rows = holdout_split(len(x), 0.2, seed=3)
+    kw = dict(epochs=6, seed=3, precision="fp32")
+    with_holdout = attentive_probe(x, y, x[:50], y[:50], holdout=0.2, **kw)
+    alone = attentive_probe(x[rows], y[rows], x[hold], y[hold], holdout=0, **kw)
+    assert len(with_holdout["holdout_curve"]) == 6 and alone["holdout_curve"] == []
+    assert with_holdout["holdout_curve"][-1] == alone["acc"]
+
+
+def test_early_stopping_keeps_the_best_held_out_epoch():
+    """The weights kept are those of the first epoch with the best held-out score, not the last epoch's:
+    validated on the held-out clips themselves, the probe scores exactly that best."""
+    x, y = noisy_markers(1)
+    hold, _ = holdout_split(len(x), 0.2, seed=2)
+    res = attentive_probe(x, y, x[hold], y[hold], epochs=30, seed=2, precision="fp32")
+    curve = res["holdout_curve"]
+    assert curve[-1] < max(curve)  # the case this test is about: the last epoch is not the best
+    assert res["epoch"] == curve.index(max(curve)) + 1 and res["holdout_acc"] == max(curve)
+    assert res["acc"] == max(curve)
+
+
+def test_attentive_probe_needs_a_row_to_hold_out():
+    x, y = torch.randn(1, 4, 3), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="holdout=0.2 needs at least two"):
+        attentive_probe(x, y, x, y)
+    assert attentive_probe(x, y, x, y, holdout=0, epochs=1)["holdout_acc"] is None
 
 
 def test_folded_layernorm_equals_the_plain_module():

@@ -1,7 +1,7 @@
 """Study tables from probe results (figures.py)."""
 import pytest
 
-from bwssl_core.figures import best_gain, best_layers
+from bwssl_core.figures import attentive_rows, best_gain, best_layers
 
 
 def _res(acc_by_pool_family):
@@ -24,3 +24,15 @@ def test_best_layers_sets_every_run_beside_both_controls():
     gain = best_gain(_probe()["bwssl-k2"])
     assert gain.pop("gain") == pytest.approx(0.09)
     assert gain == {"family": "motion", "pooling": "mean", "trained": 0.69, "random_init": 0.6}
+
+
+def test_attentive_rows_show_the_kept_epoch_of_the_budget():
+    """Each attentive row reads the last probed layer, with the epoch its held-out score kept, so that one
+    kept at the budget's end (perhaps undertrained) shows; results without it (holdout=0) show none."""
+    fit = {"acc": [0.7, 0.8], "layers": [-2, -1], "epoch": [12, 50], "epochs": [50, 50]}
+    probe = {"e2e": {"trained": {"attentive": {"motion": fit}}, "random_init": {},
+                     "pixels": {"attentive": {"motion": {"acc": [0.3], "layers": [0]}}}}}
+    rows = attentive_rows(probe)
+    assert rows == [{"run": "e2e", "model": "trained", "family": "motion", "layers": "[-2, -1]", "acc": 0.8,
+                     "epoch": "50 of 50"},
+                    {"run": "e2e", "model": "pixels", "family": "motion", "layers": "[0]", "acc": 0.3}]
