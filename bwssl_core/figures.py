@@ -135,6 +135,33 @@ def attentive_rows(probe: dict[str, dict]) -> list[dict]:
             for fam, r in res[m].get("attentive", {}).items()]
 
 
+def attentive_curve_figure(probe: dict[str, dict]) -> go.Figure:
+    """The attentive probe's held-out top-1 after each epoch, per family, for every run and both controls
+    (the first run's), at the last probed layer, with a marker at the epoch kept: whether each had
+    levelled off within its budget."""
+    first = next(iter(probe.values()))
+    curves = {name: res["trained"] for name, res in probe.items()}
+    curves.update({label: first[key] for key, label in CONTROLS.items()})
+    families = list(first["trained"].get("attentive", {}))
+    fig = make_subplots(rows=1, cols=max(1, len(families)), subplot_titles=families, shared_yaxes=True)
+    for col, fam in enumerate(families, start=1):
+        for i, (name, res) in enumerate(curves.items()):
+            r = res.get("attentive", {}).get(fam, {})
+            if not r.get("holdout_curve") or not r["holdout_curve"][-1]:
+                continue
+            y, kept = r["holdout_curve"][-1], r["epoch"][-1]
+            line = dict(color=COLOURS[i % len(COLOURS)]) if name in probe else \
+                dict(color="grey" if name == CONTROLS["random_init"] else "black", dash="dash")
+            fig.add_scatter(x=list(range(1, len(y) + 1)), y=y, name=name, mode="lines", line=line, legendgroup=name,
+                            showlegend=col == 1, row=1, col=col)
+            fig.add_scatter(x=[kept], y=[y[kept - 1]], mode="markers", marker=dict(color=line["color"], size=9),
+                            name=f"{name}: kept", legendgroup=name, showlegend=False, row=1, col=col)
+        fig.update_xaxes(title_text="epoch", row=1, col=col)
+    fig.update_yaxes(title_text="held-out top-1", row=1, col=1)
+    fig.update_layout(title="Attentive probe: held-out top-1 by epoch (dot: the epoch kept)", height=360)
+    return fig
+
+
 def html_table(rows: list[dict], digits: int = 3) -> str:
     """A plain HTML table of dict rows (floats rounded)."""
     if not rows:

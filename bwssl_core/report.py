@@ -62,6 +62,7 @@ def write_report(study: str | Path) -> Path:
     attentive = figures.attentive_rows(probe["probe"])
     if attentive:
         parts.append("<h3>Token-level (attentive) probe</h3>" + figures.html_table(attentive))
+        fig(figures.attentive_curve_figure(probe["probe"]))
     if probe.get("analysis"):
         fig(figures.change_figure(probe["analysis"]))
         for name, a in probe["analysis"].items():

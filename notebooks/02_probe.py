@@ -33,8 +33,8 @@ import plotly.io as pio
 from bwssl_core import notebook, viz
 from bwssl_core.analyze import analyze
 from bwssl_core.evaluate import depthwise, load_split
-from bwssl_core.figures import (attentive_rows, best_gain, best_layers, change_figure, cka_figure, final_table,
-                                 html_table, probe_figure)
+from bwssl_core.figures import (attentive_curve_figure, attentive_rows, best_gain, best_layers, change_figure,
+                                 cka_figure, final_table, html_table, probe_figure)
 from bwssl_core.io import save_json
 from bwssl_core.study import results_path, run_dir
 from bwssl_core.train import default_device, load_run
@@ -83,10 +83,13 @@ probe_figure(probe, "mean", "R@1").show()
 
 # %% [markdown]
 # ## Token-level (attentive) probe
-# Pooled metrics can miss what tokens carry about where and when.
+# Pooled metrics can miss what tokens carry about where and when. Each probe keeps the epoch of its
+# budget that scored best on held-out training clips; the curves show whether it had levelled off.
 
 # %%
 display(HTML(html_table(attentive_rows(probe))))
+if attentive_layers:
+    attentive_curve_figure(probe).show()
 
 # %% [markdown]
 # ## Similarity and change across depth

@@ -1,7 +1,7 @@
 """Study tables from probe results (figures.py)."""
 import pytest
 
-from bwssl_core.figures import attentive_rows, best_gain, best_layers
+from bwssl_core.figures import attentive_curve_figure, attentive_rows, best_gain, best_layers
 
 
 def _res(acc_by_pool_family):
@@ -36,3 +36,22 @@ def test_attentive_rows_show_the_kept_epoch_of_the_budget():
     assert rows == [{"run": "e2e", "model": "trained", "family": "motion", "layers": "[-2, -1]", "acc": 0.8,
                      "epoch": "50 of 50"},
                     {"run": "e2e", "model": "pixels", "family": "motion", "layers": "[0]", "acc": 0.3}]
+
+
+def test_attentive_curves_mark_the_kept_epoch():
+    """One held-out curve per run and control (the last probed layer), and a marker on the epoch kept."""
+    def fit(curve):
+        best = curve.index(max(curve)) + 1
+        return {"acc": [0.0, 0.5], "layers": [-2, -1], "epoch": [1, best], "epochs": [3, 3],
+                "holdout_curve": [[0.1, 0.1, 0.1], curve]}
+    controls = {"random_init": {"attentive": {"motion": fit([0.2, 0.6, 0.4])}},
+                "pixels": {"attentive": {"motion": fit([0.1, 0.1, 0.3])}}}
+    probe = {"e2e": {"trained": {"attentive": {"motion": fit([0.3, 0.5, 0.7])}}, **controls},
+             "bwssl-k2": {"trained": {"attentive": {"motion": fit([0.4, 0.8, 0.6])}}, **controls}}
+    traces = attentive_curve_figure(probe).data
+    lines = {t.name: list(t.y) for t in traces if t.mode == "lines"}
+    assert lines == {"e2e": [0.3, 0.5, 0.7], "bwssl-k2": [0.4, 0.8, 0.6], "random init": [0.2, 0.6, 0.4],
+                     "raw pixels": [0.1, 0.1, 0.3]}
+    kept = {t.name: (t.x[0], t.y[0]) for t in traces if t.mode == "markers"}
+    assert kept == {"e2e: kept": (3, 0.7), "bwssl-k2: kept": (2, 0.8), "random init: kept": (2, 0.6),
+                    "raw pixels: kept": (3, 0.3)}

@@ -56,6 +56,9 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     assert {r["pooling"] for r in motion} == {*probe["poolings"], "attentive"}
     assert {"e2e", "bwssl-k2", "random init", "raw pixels", "margin"} <= set(motion[0])
     assert "Best layer of every run against both controls" in report
+    assert "held-out top-1 by epoch" in report  # the attentive probes' curves
+    kept = probe["probe"]["e2e"]["pixels"]["attentive"]["motion"]
+    assert 1 <= kept["epoch"][-1] <= kept["epochs"][-1] == len(kept["holdout_curve"][-1])
     sweep = json.loads(results_path(out, "04_sweep").read_text())["rows"]
     assert {r["blocks"] for r in sweep} == {0, 1, 4}  # the points' runs and their random-init control
     assert (out / "sweep" / "tiny" / "runs" / "e2e").is_symlink()  # the main study's run, not trained again
