@@ -49,8 +49,8 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_token
                     batch_size: int = 64, heads: int = 4, holdout: float = 0.2, seed: int = 0, device="cpu",
                     precision: str = "auto") -> dict:
     """Top-1 on validation of an AttentivePool trained with AdamW (one-cycle schedule) on frozen tokens
-    (N, L, D) of any float dtype, kept on their device and moved per batch. Fixed hyper-parameters for
-    every model and control, so that rows compare.
+    (N, L, D) of any float dtype, kept on their device and moved per batch, or moved to a GPU `device` once
+    where they fit (token_home). Fixed hyper-parameters for every model and control, so that rows compare.
 
     Early stopping: the probe trains on the training split less a held-out part (`holdout`, the rows the
     linear probe of the same seed holds out) for `epochs` epochs, scores the held-out part after each, and
@@ -78,7 +78,8 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_token
     probe = AttentivePool(train_tokens.shape[1], train_tokens.shape[2], num_classes, heads).to(device)
     amp = feature_precision(device, precision) == "bf16"
     keep = torch.bfloat16 if amp else train_tokens.dtype
-    train_tokens, val_tokens = (_normalised(t, probe.norm.eps, keep) for t in (train_tokens, val_tokens))
+    home = token_home((train_tokens, val_tokens), keep, device)
+    train_tokens, val_tokens = (_normalised(t, probe.norm.eps, keep, home) for t in (train_tokens, val_tokens))
     dtype = torch.bfloat16 if amp else torch.float32
     n, train_y, val_y = len(train_tokens), train_y.cpu(), val_y.cpu()
     hold, rows = holdout_split(n, holdout, seed) if holdout else (torch.arange(0), torch.arange(n))
@@ -126,11 +127,24 @@ PROTOCOL = {k: p.default for k, p in inspect.signature(attentive_probe).paramete
             if k in ("epochs", "lr", "weight_decay", "batch_size", "heads", "holdout")}
 
 
+def token_home(tokens: tuple[torch.Tensor, ...], dtype: torch.dtype, device) -> torch.device:
+    """Where the probe keeps its normalised tokens: on `device` when that is a GPU with room for them in
+    half its free memory, so that no batch crosses the bus in any of the probe's epochs (a GPU study's
+    pixel tokens: 77 MB a batch); else where they are (the features come to the CPU, NOTES.md)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tokens[0].device
+    free, _ = torch.cuda.mem_get_info(device)
+    need = sum(t.numel() for t in tokens) * dtype.itemsize
+    return device if need < free / 2 else tokens[0].device
+
+
 @torch.no_grad()
-def _normalised(tokens: torch.Tensor, eps: float, dtype: torch.dtype, chunk: int = 256) -> torch.Tensor:
+def _normalised(tokens: torch.Tensor, eps: float, dtype: torch.dtype, device=None, chunk: int = 256) -> torch.Tensor:
     """Each token normalised over its features (LayerNorm without the affine), in float32, stored in `dtype`
-    (written chunk by chunk into one tensor: no second full-size copy)."""
-    out = torch.empty(tokens.shape, dtype=dtype, device=tokens.device)
+    on `device` (default: the tokens'), written chunk by chunk into one tensor: no second full-size copy."""
+    out = torch.empty(tokens.shape, dtype=dtype, device=tokens.device if device is None else device)
     for part, t in zip(out.split(chunk), tokens.split(chunk)):
+        t = t.to(out.device)
         part.copy_(F.layer_norm(t.float(), t.shape[-1:], eps=eps))
     return out

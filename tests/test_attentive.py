@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bwssl_core.attentive import attentive_probe
+from bwssl_core.attentive import attentive_probe, token_home
 from bwssl_core.probe import holdout_split, linear_probe
 
 
@@ -101,3 +101,16 @@ def test_folded_layernorm_equals_the_plain_module():
     for out, weights in (pool(x, True), pool.read(F.layer_norm(x, (8,)), True)):
         torch.testing.assert_close(out, logits)
         torch.testing.assert_close(weights, w)
+
+
+def test_tokens_move_to_a_gpu_only_where_they_fit(monkeypatch):
+    """The probe keeps its normalised tokens on the GPU when they take under half its free memory, else
+    where they are; on the CPU they stay. Decided from torch.cuda.mem_get_info, faked here (no GPU)."""
+    tokens = (torch.zeros(10, 4, 8, dtype=torch.float16), torch.zeros(5, 4, 8, dtype=torch.float16))
+    need = 15 * 4 * 8 * 2  # bytes in bfloat16
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need + 2, 10 ** 12))
+    assert token_home(tokens, torch.bfloat16, "cuda") == torch.device("cuda")
+    assert token_home(tokens, torch.float32, "cuda") == torch.device("cpu")  # twice the bytes: no room
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need, 10 ** 12))
+    assert token_home(tokens, torch.bfloat16, "cuda:0") == torch.device("cpu")
+    assert token_home(tokens, torch.bfloat16, "cpu") == torch.device("cpu")
