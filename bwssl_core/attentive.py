@@ -89,7 +89,7 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_token
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=amp):
             return probe.read(x.to(device, dtype)).float()
 
-    def rows_of(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # into one reused buffer: no page faults
+    def rows_of(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # into one reused buffer, not a new tensor
         return torch.index_select(x, 0, ids.to(x.device), out=batch[:len(ids)])
 
     @torch.no_grad()
