@@ -94,7 +94,7 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_token
 
     @torch.no_grad()
     def accuracy(x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> float:
-        pred = torch.cat([logits(rows_of(x, i)).argmax(1).cpu() for i in ids.split(len(batch))])
+        pred = torch.cat([logits(rows_of(x, i)).argmax(1) for i in ids.split(len(batch))]).cpu()  # one sync
         return (pred == y[ids]).float().mean().item()
 
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
