@@ -13,8 +13,9 @@ from .listfile import parse_list_file
 from .model import VideoMAE
 from .features import FeatureCache, encoder_hash, key_of, tensor_hash
 from .attentive import PROTOCOL as ATTENTIVE_PROTOCOL, attentive_probe
-from .probe import (POOLINGS, ProbeSpace, feature_precision, layer_features, nearest, pixel_features, pixel_tokens,
-                    probe_spaces, recall_at)
+from .probe import PROTOCOL as LINEAR_PROTOCOL
+from .probe import POOLINGS, ProbeSpace, feature_precision, layer_features, nearest, pixel_features, pixel_tokens, \
+    probe_spaces, recall_at
 
 
 def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: int | None = None):
@@ -126,7 +127,7 @@ def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings
             return res
 
         probe_key = key_of("probe", features=feat_key, seed=seed, ks=list(ks), attentive=list(attentive_layers),
-                           attentive_protocol=ATTENTIVE_PROTOCOL,
+                           attentive_protocol=ATTENTIVE_PROTOCOL, linear_protocol=LINEAR_PROTOCOL,
                            precision=precision, attentive_families=list(attentive_families or families),
                            labels={f: tensor_hash(train_labels[f], val_labels[f]) for f in families})
         out[name] = store.get(probe_key, lambda: probes(store.get(feat_key, compute, meta)), meta)

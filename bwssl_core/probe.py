@@ -7,6 +7,8 @@ Poolings of a layer's tokens (B, L, D), L over the (T', H', W') grid:
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Iterable
 
 import torch
@@ -14,10 +16,12 @@ import torch.nn.functional as F
 
 from .batches import normalize_video
 from .config import ConfigError
+from .lbfgs import lbfgs_each
 from .masking import patchify
 from .model import VideoMAE
 
 POOLINGS = ("mean", "slices", "grid")
+MAX_ITER = 300  # L-BFGS iterations per probe fit at most; the default study's slowest needed 131 (NOTES.md)
 
 
 def pool_tokens(x: torch.Tensor, grid: tuple[int, int, int], kind: str) -> torch.Tensor:
@@ -109,83 +113,69 @@ def _eigh_kept(m: torch.Tensor, rel_eps: float) -> tuple[torch.Tensor, torch.Ten
 
 def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: torch.Tensor,
          max_iter: int, init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """G x J multinomial logistic regressions solved as one: features z (G, n, r) of G groups (layers),
+    """G x J multinomial logistic regressions solved together: features z (G, n, r) of G groups (layers),
     each in its principal basis with variances lam (G, r) (zero-padded to a common r), and labels
     ys (J, n) shared by the groups, problem (g, j) with num_classes[j] classes and penalty l2 (J,) or
-    (G, J). Minimises the sum over (g, j) of mean cross-entropy + l2_gj/2 ||B_gj||^2 by one L-BFGS: the
-    problems share no parameter, so the joint minimum is every problem's own minimum, reached in one
-    run of batched matmuls instead of G x J runs. The problems' classes are packed side by side, K =
-    sum(num_classes) columns (padding each to the largest count cost 1.7x the matmuls on the study's
-    families), problems of one class count contiguous, so each count's cross-entropy is one call.
-    B_gj = P_gj * c_gj with c_gj = (lam_g / 4 + l2_gj)^-1/2, a diagonal preconditioner (the same minimum
-    in far fewer steps). A padded direction (z and lam zero) keeps zero weight. Stops when the max-norm
-    of the gradient in P falls below 1e-4 or after max_iter iterations. Returns B (G, J, C, r) and
-    b (G, J, C), C the largest class count, a problem's absent classes zero-weighted with bias -inf."""
+    (G, J), minimising mean cross-entropy + l2_gj/2 ||B_gj||^2. Each problem runs its own L-BFGS
+    (lbfgs.lbfgs_each) and stops at its own convergence (gradient max-norm below 1e-4) or after max_iter
+    iterations, while every evaluation is one batched matmul over the problems still running. The
+    problems' classes are packed side by side (padding each to the largest count cost 1.7x the
+    matmuls on the study's families), problems of one class count contiguous, so each count's
+    cross-entropy is one call. B_gj = P_gj * c_gj with c_gj = (lam_g / 4 + l2_gj)^-1/2, a diagonal
+    preconditioner (the same minimum in far fewer steps). A padded direction (z and lam zero) keeps zero
+    weight. Returns B (G, J, C, r) and b (G, J, C), C the largest class count, a problem's absent classes
+    zero-weighted with bias -inf, and each problem's iteration count (G, J) (max_iter: stopped at the cap)."""
     G, n, r = z.shape
     J, C = ys.shape[0], max(num_classes)
-    order = sorted(range(J), key=lambda j: num_classes[j])  # problems grouped by class count
-    counts = [num_classes[j] for j in order]
-    prob = torch.tensor([j for j in order for _ in range(num_classes[j])], device=z.device)  # (K,) column -> problem
-    cls = torch.tensor([i for k in counts for i in range(k)], device=z.device)  # (K,) its class
-    slot = prob * C + cls  # (K,) its place in the padded (J * C)
-    groups = []  # (first column, first problem, problems, class count) of each class count
-    for k in sorted(set(counts)):
-        i = counts.index(k)
-        groups.append((sum(counts[:i]), i, counts.count(k), k))
-    l2k = torch.as_tensor(l2, dtype=z.dtype, device=z.device).expand(G, J)[:, prob]  # (G, K)
+    order = sorted(range(J), key=lambda j: num_classes[j])  # problem p of the solver is problem order[p]
+    first = [0]
+    for j in order:
+        first.append(first[-1] + num_classes[j])
+    owner = torch.tensor([p for p, j in enumerate(order) for _ in range(num_classes[j])], device=z.device)  # (K,)
+    slot = torch.tensor([j * C + i for j in order for i in range(num_classes[j])], device=z.device)  # in (J * C)
+    l2k = torch.as_tensor(l2, dtype=z.dtype, device=z.device).expand(G, J)[:, [j for j in order for _ in
+                                                                                range(num_classes[j])]]  # (G, K)
     c = (lam[:, None] / 4 + l2k[..., None]).rsqrt()  # (G, K, r)
+    x0 = z.new_zeros(G, len(slot), r + 1)  # (G, K, r + 1): P and the bias
     if init is not None:
-        B0, b0 = init[0].flatten(1, 2)[:, slot], init[1].flatten(1)[:, slot]  # (G, K, r), (G, K)
-    else:
-        B0, b0 = z.new_zeros(G, len(slot), r), z.new_zeros(G, len(slot))
-    P, b = (B0 / c).requires_grad_(True), b0.requires_grad_(True)  # fresh tensors either way
-    spare = -len(slot) % 8  # zero columns: the CPU's matmul is up to 2x slower at a width not a multiple of 8
-    opt = torch.optim.LBFGS([P, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-4, tolerance_change=1e-9)
-    targets = [ys[order[i:i + nj]].T[:, None].expand(n, G, nj).contiguous() for _, i, nj, _ in groups]  # (n, G, J_k)
+        x0[..., :r], x0[..., r] = init[0].flatten(1, 2)[:, slot] / c, init[1].flatten(1)[:, slot]
+    layouts = {}
 
-    def closure():
-        opt.zero_grad()
-        B = P * c  # (G, K, r)
-        Bs, bs = F.pad(B, (0, 0, 0, spare)), F.pad(b, (0, spare))  # (G, K + spare, r), (G, K + spare)
-        logits = torch.baddbmm(bs[:, None], z, Bs.transpose(1, 2))  # (G, n, K + spare)
-        loss = 0.5 * (l2k * B.pow(2).sum(2)).sum()
-        for (first, _, nj, k), t in zip(groups, targets):
-            part = logits[..., first:first + nj * k].unflatten(2, (nj, k))  # (G, n, J_k, k)
-            loss = loss + F.cross_entropy(part.permute(1, 3, 0, 2), t, reduction="none").mean(0).sum()
-        loss.backward()
-        return loss
+    def layout(live: list) -> tuple:  # the columns, preconditioner, penalty and label groups of `live`
+        if tuple(live) not in layouts:
+            cols = torch.cat([torch.arange(first[p], first[p + 1]) for p in live]).to(z.device)
+            counts = [num_classes[order[p]] for p in live]
+            groups = []  # (first column, problems, class count, targets (n, G, problems)) per class count
+            for k in sorted(set(counts)):
+                i = counts.index(k)
+                js = [order[p] for p in live[i:i + counts.count(k)]]
+                groups.append((sum(counts[:i]), len(js), k, ys[js].T[:, None].expand(n, G, len(js)).contiguous()))
+            layouts.clear()  # the batch only shrinks: an older layout is never needed again
+            pos = torch.tensor([i for i, k in enumerate(counts) for _ in range(k)], device=z.device)  # column -> problem
+            layouts[tuple(live)] = (c[:, cols], l2k[:, cols], groups, pos)
+        return layouts[tuple(live)]
 
-    opt.step(closure)
+    def objective(x: torch.Tensor, live: list) -> tuple[torch.Tensor, torch.Tensor]:
+        cl, l2l, groups, pos = layout(live)
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            B, b = x[..., :r] * cl, x[..., r]  # (G, K', r), (G, K')
+            spare = -B.shape[1] % 8  # zero columns: this CPU's matmul is up to 2x slower at a width not a multiple of 8
+            logits = torch.baddbmm(F.pad(b, (0, spare))[:, None], z, F.pad(B, (0, 0, 0, spare)).transpose(1, 2))
+            loss = []
+            for first_col, nj, k, t in groups:
+                part = logits[..., first_col:first_col + nj * k].unflatten(2, (nj, k))  # (G, n, J_k, k)
+                loss.append(F.cross_entropy(part.permute(1, 3, 0, 2), t, reduction="none").mean(0))  # (G, J_k)
+            f = torch.cat(loss, 1).index_add(1, pos, 0.5 * l2l * B.pow(2).sum(2))  # (G, live): plus each penalty
+            (grad,) = torch.autograd.grad(f.sum(), x)
+        return f.detach(), grad
+
+    x, iters = lbfgs_each(objective, x0, owner, max_iter)
     B_out = z.new_zeros(G, J * C, r)
     b_out = z.new_full((G, J * C), float("-inf"))  # an absent class never wins
-    B_out[:, slot], b_out[:, slot] = (P * c).detach(), b.detach()
-    return B_out.view(G, J, C, r), b_out.view(G, J, C)
-
-
-def _solve(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: torch.Tensor,
-           max_iter: int, init: tuple[torch.Tensor, torch.Tensor] | None = None,
-           batched: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """_fit's problems: batched, all in one solve; else one at a time, each stopping at its own
-    convergence and, without `init`, starting from the solution of the problem before it in its group
-    when that one has the same labels (a stronger l2 of the same family). Weights padded to the
-    largest class count, absent classes' bias -inf."""
-    if batched:
-        return _fit(z, ys, num_classes, l2, lam, max_iter, init)
-    C, Bs, bs = max(num_classes), [], []
-    l2 = torch.as_tensor(l2, dtype=torch.float64).expand(z.shape[0], len(num_classes)).tolist()  # (G, J)
-    for g in range(z.shape[0]):
-        for j, k in enumerate(num_classes):
-            if init is not None:
-                start = (init[0][g:g + 1, j:j + 1, :k], init[1][g:g + 1, j:j + 1, :k])
-            else:
-                same = j > 0 and num_classes[j - 1] == k and torch.equal(ys[j], ys[j - 1])
-                start = (Bs[-1][..., :k, :], bs[-1][..., :k]) if same else None
-            B, b = _fit(z[g:g + 1], ys[j:j + 1], [k], [l2[g][j]], lam[g:g + 1], max_iter, start)
-            Bs.append(F.pad(B, (0, 0, 0, C - k)))
-            bs.append(F.pad(b, (0, C - k), value=float("-inf")))
-    G, J = z.shape[0], len(num_classes)
-    return torch.cat(Bs, 1).view(G, J, C, -1), torch.cat(bs, 1).view(G, J, C)
+    B_out[:, slot], b_out[:, slot] = x[..., :r] * c, x[..., r]
+    inverse = [order.index(j) for j in range(J)]
+    return B_out.view(G, J, C, r), b_out.view(G, J, C), iters[:, inverse]
 
 
 def _accuracy(z: torch.Tensor, B: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -217,12 +207,12 @@ class ProbeSpace:
         self.lam, self.train, self.val = lam.to(tx.dtype), (U * scale).to(tx.dtype), (vx @ tx.T) @ w
         self.basis = tx.T @ w if basis else None  # (d, r), only for fit()
 
-    def fit(self, y: torch.Tensor, l2: float, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    def fit(self, y: torch.Tensor, l2: float, max_iter: int = MAX_ITER) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights (C, d) on the standardised features and bias (C,), fitted on the whole training split."""
         if self.basis is None:
             raise ValueError("fit() maps weights back through the basis: make the ProbeSpace with basis=True")
         y = y.to(self.train.device)
-        B, b = _fit(self.train[None], y[None], [int(y.max()) + 1], [l2], self.lam[None], max_iter)
+        B, b, _ = _fit(self.train[None], y[None], [int(y.max()) + 1], [l2], self.lam[None], max_iter)
         return B[0, 0] @ self.basis.T, b[0, 0]
 
     def probe(self, train_y: torch.Tensor, val_y: torch.Tensor, **kwargs) -> dict:
@@ -243,14 +233,13 @@ def holdout_split(n: int, holdout: float, seed: int = 0, device="cpu") -> tuple[
 
 
 def probe_spaces(spaces: list[ProbeSpace], labels: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 l2_grid=(1e-1, 1e-2, 1e-3, 1e-4), holdout: float = 0.2, seed: int = 0, max_iter: int = 100,
-                 batched: bool = True) -> list[dict[str, dict]]:
+                 l2_grid=(1e-1, 1e-2, 1e-3, 1e-4), holdout: float = 0.2, seed: int = 0,
+                 max_iter: int = MAX_ITER) -> list[dict[str, dict]]:
     """The probes of several label families {family: (train_y, val_y)} on several layers' spaces (the
     same clips): every (layer, family, l2) fit on the training rows in one solve, each (layer, family)'s
     l2 chosen on the held-out rows (ties: the stronger), then refit at its l2 on all training rows in a
-    second solve. batched: one L-BFGS for all problems (the default: on a GPU the calls cost, not the
-    arithmetic; on a 2-core CPU all layers of the default study at once took half the time of one
-    problem at a time, NOTES.md), else one at a time. Per space: {family: {"acc", "l2", "holdout_acc"}}."""
+    second solve; every problem stops at its own convergence (_fit), and a warning counts those that
+    reached max_iter first. Per space: {family: {"acc", "l2", "holdout_acc", "iterations" (the refit's)}}."""
     n, m = len(spaces[0].train), len(spaces[0].val)
     dev = spaces[0].train.device
     counts = {}
@@ -276,17 +265,27 @@ def probe_spaces(spaces: list[ProbeSpace], labels: dict[str, tuple[torch.Tensor,
     hold, rows = holdout_split(n, holdout, seed, dev)
     # problem j = (family j // len(grid), l2 grid[j % len(grid)])
     ys = train_y.repeat_interleave(len(grid), 0)  # (F * G, n)
-    B, b = _solve(tz[:, rows], ys[:, rows], [counts[f] for f in fams for _ in grid], grid * len(fams), lam,
-                  max_iter, batched=batched)
+    B, b, held_iters = _fit(tz[:, rows], ys[:, rows], [counts[f] for f in fams for _ in grid], grid * len(fams), lam,
+                            max_iter)
     scores = _accuracy(tz[:, hold], B, b, ys[:, hold]).view(len(spaces), len(fams), len(grid)).tolist()
     best = [[max(range(len(grid)), key=lambda i: (s[i], grid[i])) for s in layer] for layer in scores]  # (G, F)
     pick = torch.tensor([[f * len(grid) + i for f, i in enumerate(layer)] for layer in best], device=dev)  # (G, F)
     gi = torch.arange(len(spaces), device=dev)[:, None]
-    B, b = _solve(tz, train_y, [counts[f] for f in fams], [[grid[i] for i in layer] for layer in best], lam,
-                  max_iter, (B[gi, pick], b[gi, pick]), batched=batched)  # each (layer, family) at its own l2
-    acc = _accuracy(vz, B, b, val_y).tolist()
-    return [{f: {"acc": acc[g][j], "l2": grid[best[g][j]], "holdout_acc": scores[g][j][best[g][j]]}
-             for j, f in enumerate(fams)} for g in range(len(spaces))]
+    B, b, iters = _fit(tz, train_y, [counts[f] for f in fams], [[grid[i] for i in layer] for layer in best], lam,
+                       max_iter, (B[gi, pick], b[gi, pick]))  # each (layer, family) at its own l2
+    capped = int((held_iters >= max_iter).sum() + (iters >= max_iter).sum())
+    if capped:
+        warnings.warn(f"{capped} of {held_iters.numel() + iters.numel()} linear probe fits stopped at max_iter="
+                      f"{max_iter} before their gradient fell below the tolerance: raise max_iter", stacklevel=2)
+    acc, iters = _accuracy(vz, B, b, val_y).tolist(), iters.tolist()
+    return [{f: {"acc": acc[g][j], "l2": grid[best[g][j]], "holdout_acc": scores[g][j][best[g][j]],
+                 "iterations": iters[g][j]} for j, f in enumerate(fams)} for g in range(len(spaces))]
+
+
+# what shapes probe_spaces' results: its defaults, and the solver (per-problem L-BFGS since session 11); part
+# of the key under which probe results are cached (evaluate.depthwise), so results of another protocol are never reused
+PROTOCOL = {"solver": "lbfgs_each", **{k: p.default for k, p in inspect.signature(probe_spaces).parameters.items()
+                                       if k in ("l2_grid", "holdout", "max_iter")}}
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,

@@ -170,6 +170,24 @@ def test_depthwise_shares_the_random_init_control_across_partitions(tmp_path, ti
     assert second["trained"] != first["trained"] and len(first["trained"]["attentive"]["a"]["acc"]) == 1
 
 
+def test_probe_results_of_another_linear_protocol_are_not_reused(tmp_path, tiny, monkeypatch):
+    """The linear probe's protocol (solver, l2 grid, held-out part, iteration cap) keys the cached probe
+    results: after a change the features are reused and the probes run again."""
+    from bwssl_core import evaluate
+    from bwssl_core.model import VideoMAE
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 256, (n, 3, 4, 32, 32), dtype=torch.uint8, generator=g),
+             {"a": torch.arange(n) % 2}) for n in (24, 12)]
+    kw = dict(poolings=("mean",), ks=(1, 5), cache=tmp_path, precision="fp32")
+    model = VideoMAE(tiny())
+    evaluate.depthwise(model, *data, **kw)
+    assert len(list(tmp_path.glob("*.pt"))) == 6
+    monkeypatch.setattr(evaluate, "LINEAR_PROTOCOL", {**evaluate.LINEAR_PROTOCOL, "max_iter": 50})
+    evaluate.depthwise(model, *data, **kw)
+    assert len(list(tmp_path.glob("*.pt"))) == 9 and len(list(tmp_path.glob("probe-*.pt"))) == 6
+
+
 @pytest.mark.parametrize("grid", [(2, 4, 6), (2, 3, 5)])  # equal cells (a plain reduction), and adaptive ones
 def test_pooling_matches_adaptive_pooling_and_accumulates_bf16_in_float32(grid):
     T, H, W = grid
@@ -183,10 +201,10 @@ def test_pooling_matches_adaptive_pooling_and_accumulates_bf16_in_float32(grid):
 
 
 def test_joint_solve_equals_one_problem_at_a_time_and_absent_classes_never_win():
-    """The GPU path (one L-BFGS over every (layer, family, l2)) and the CPU path (one at a time) reach
-    the same minimum, with layers of different widths zero-padded to one; a family with fewer classes
-    than another is never predicted an absent class."""
-    from bwssl_core.probe import ProbeSpace, _accuracy, _fit, _solve
+    """Every (layer, family, l2) solved together reaches each problem's own minimum, with layers of
+    different widths zero-padded to one; a family with fewer classes than another is never predicted an
+    absent class."""
+    from bwssl_core.probe import ProbeSpace, _accuracy, _fit
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(600, 20, generator=g).double()
@@ -197,19 +215,18 @@ def test_joint_solve_equals_one_problem_at_a_time_and_absent_classes_never_win()
     lam = torch.stack([wide.lam, torch.nn.functional.pad(narrow.lam, (0, 8))])
     ys, counts = torch.stack([y8, y3, y3]), [8, 3, 3]
     l2 = [[1e-2, 1e-2, 1e-4], [1e-3, 1e-1, 1e-2]]  # (layers, problems): each its own penalty
-    B, b = _fit(z, ys, counts, l2, lam, max_iter=500)
-    B1, b1 = _solve(z, ys, counts, l2, lam, max_iter=500, batched=False)
-    assert B.shape == B1.shape == (2, 3, 8, 20) and b.shape == b1.shape == (2, 3, 8)
+    B, b, iters = _fit(z, ys, counts, l2, lam, max_iter=500)
+    assert B.shape == (2, 3, 8, 20) and b.shape == (2, 3, 8) and iters.shape == (2, 3) and (iters < 500).all()
     assert (B[1, :, :, 12:] == 0).all()  # the padded directions keep zero weight
     for layer in range(2):
         for j in range(3):
-            Bj, bj = _fit(z[layer:layer + 1], ys[j:j + 1], counts[j:j + 1], [l2[layer][j]], lam[layer:layer + 1],
-                          max_iter=500)
+            Bj, bj, _ = _fit(z[layer:layer + 1], ys[j:j + 1], counts[j:j + 1], [l2[layer][j]], lam[layer:layer + 1],
+                             max_iter=500)
             prob = lambda B, b: (z[layer] @ B.T + b).softmax(1)  # noqa: E731 (weights agree to the tolerance)
-            for Bx, bx in ((B, b), (B1, b1)):  # each solve stops at a gradient max-norm of 1e-4: close, not equal
-                torch.testing.assert_close(prob(Bx[layer, j, :counts[j]], bx[layer, j, :counts[j]]),
-                                           prob(Bj[0, 0], bj[0, 0]), atol=1e-2, rtol=0)
-    assert torch.isinf(b[:, 1:, 3:]).all() and torch.isfinite(b[:, 0]).all() and torch.isinf(b1[:, 1:, 3:]).all()
+            # each solve stops at a gradient max-norm of 1e-4: close, not equal
+            torch.testing.assert_close(prob(B[layer, j, :counts[j]], b[layer, j, :counts[j]]),
+                                       prob(Bj[0, 0], bj[0, 0]), atol=1e-2, rtol=0)
+    assert torch.isinf(b[:, 1:, 3:]).all() and torch.isfinite(b[:, 0]).all()
     pred = (torch.einsum("gnr,gjcr->gjnc", z, B) + b[:, :, None]).argmax(-1)
     assert pred[:, 1:].max() < 3
     acc = _accuracy(z, B, b, ys)
@@ -217,8 +234,8 @@ def test_joint_solve_equals_one_problem_at_a_time_and_absent_classes_never_win()
 
 
 def test_probing_all_layers_at_once_gives_each_layers_own_probe():
-    """probe_spaces batched (the GPU path, here on the CPU) over layers of different widths gives what
-    each layer's probe gives alone: its l2 choice and accuracies; mismatched layers are refused."""
+    """probe_spaces over layers of different widths gives what each layer's probe gives alone: its l2
+    choice and accuracies; mismatched layers are refused."""
     from bwssl_core.config import ConfigError
     from bwssl_core.probe import ProbeSpace, probe_spaces
 
@@ -227,7 +244,7 @@ def test_probing_all_layers_at_once_gives_each_layers_own_probe():
     labels = {"a": ((x[:300, :4] + torch.randn(300, 4, generator=g)).argmax(1), x[300:, :4].argmax(1)),
               "b": ((x[:300, 4:7] * 0.3 + torch.randn(300, 3, generator=g)).argmax(1), x[300:, 4:7].argmax(1))}
     spaces = [ProbeSpace(x[:300, :w], x[300:, :w]) for w in (24, 10, 5)]
-    together = probe_spaces(spaces, labels, batched=True, max_iter=300)
+    together = probe_spaces(spaces, labels, max_iter=300)
     alone = [s.probe_families(labels, max_iter=300) for s in spaces]
     for t, a in zip(together, alone):
         for fam in labels:
