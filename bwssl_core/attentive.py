@@ -140,10 +140,17 @@ def token_home(tokens: tuple[torch.Tensor, ...], dtype: torch.dtype, device) -> 
 
 
 @torch.no_grad()
-def _normalised(tokens: torch.Tensor, eps: float, dtype: torch.dtype, device=None, chunk: int = 256) -> torch.Tensor:
+def _normalised(tokens: torch.Tensor, eps: float, dtype: torch.dtype, device=None,
+                chunk: int | None = None) -> torch.Tensor:
     """Each token normalised over its features (LayerNorm without the affine), in float32, stored in `dtype`
-    on `device` (default: the tokens'), written chunk by chunk into one tensor: no second full-size copy."""
+    on `device` (default: the tokens'), written chunk by chunk into one tensor: no second full-size copy.
+    chunk (rows): by default about 4 MB of float32 on the CPU, where a chunk that stays in cache made this
+    3-5x faster than chunks of 256 clips (the raw-pixel tokens of the default study: 0.5 s against 1.4-2.8 s,
+    NOTES.md), and about 256 MB on a GPU, where fewer and larger kernels pay."""
     out = torch.empty(tokens.shape, dtype=dtype, device=tokens.device if device is None else device)
+    if chunk is None:
+        row = tokens[0].numel() * 4  # bytes of one clip's tokens in float32
+        chunk = max(1, (2 ** 28 if out.device.type == "cuda" else 2 ** 22) // max(row, 1))
     for part, t in zip(out.split(chunk), tokens.split(chunk)):
         t = t.to(out.device)
         part.copy_(F.layer_norm(t.float(), t.shape[-1:], eps=eps))

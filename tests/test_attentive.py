@@ -114,3 +114,15 @@ def test_tokens_move_to_a_gpu_only_where_they_fit(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need, 10 ** 12))
     assert token_home(tokens, torch.bfloat16, "cuda:0") == torch.device("cpu")
     assert token_home(tokens, torch.bfloat16, "cpu") == torch.device("cpu")
+
+
+def test_tokens_normalised_alike_in_any_chunk():
+    """The normalised tokens do not depend on the chunking (by default a few MB per chunk on the CPU)."""
+    import torch.nn.functional as F
+
+    from bwssl_core.attentive import _normalised
+
+    x = (torch.randn(7, 16, 24) * 3 + 2).half()
+    ref = F.layer_norm(x.float(), (24,)).bfloat16()
+    for chunk in (None, 1, 3, 100):
+        assert torch.equal(_normalised(x, 1e-5, torch.bfloat16, chunk=chunk), ref)
