@@ -39,9 +39,9 @@ def lbfgs_each(fun: Fun, x0: torch.Tensor, owner: torch.Tensor, max_iter: int = 
 
     def per_problem(colwise: torch.Tensor, reduce: str = "sum") -> torch.Tensor:  # (G, K') -> (G, P')
         out = colwise.new_zeros(G, len(live_p))
-        index = own.expand(G, -1)
-        return out.index_add_(1, own, colwise) if reduce == "sum" else \
-            out.scatter_reduce_(1, index, colwise, "amax", include_self=False)
+        if reduce == "sum":
+            return out.index_add_(1, own, colwise)
+        return out.scatter_reduce_(1, own.expand(G, -1), colwise, "amax", include_self=False)
 
     def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # per (group, problem): (G, P')
         return per_problem((u * v).sum(2))
