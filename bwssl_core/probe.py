@@ -151,7 +151,7 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: tor
                 js = [order[p] for p in live[i:i + counts.count(k)]]
                 groups.append((sum(counts[:i]), len(js), k, ys[js].T[:, None].expand(n, G, len(js)).contiguous()))
             layouts.clear()  # the batch only shrinks: an older layout is never needed again
-            pos = torch.tensor([i for i, k in enumerate(counts) for _ in range(k)], device=z.device)  # column -> problem
+            pos = torch.tensor([i for i, k in enumerate(counts) for _ in range(k)], device=z.device)  # col -> problem
             layouts[tuple(live)] = (c[:, cols], l2k[:, cols], groups, pos)
         return layouts[tuple(live)]
 

@@ -10,7 +10,8 @@ def quadratics(scales: torch.Tensor, target: torch.Tensor, owner: torch.Tensor, 
         calls.append(list(live))
         cols = torch.isin(owner, torch.tensor(live))
         a, t = scales[:, cols], target[:, cols]
-        pos = torch.cumsum(torch.isin(torch.arange(int(owner.max()) + 1), torch.tensor(live)).long(), 0)[owner[cols]] - 1
+        live_of = torch.isin(torch.arange(int(owner.max()) + 1), torch.tensor(live))  # (P,)
+        pos = torch.cumsum(live_of.long(), 0)[owner[cols]] - 1  # column -> position in live
         colwise = (0.5 * a * (x - t) ** 2).sum(2)  # (G, K')
         return x.new_zeros(x.shape[0], len(live)).index_add_(1, pos, colwise), a * (x - t)
     return fun
@@ -27,8 +28,8 @@ def test_each_problem_converges_on_its_own_and_leaves_the_batch():
     scales[:, 0] = 1.0  # problem 0 is exactly round: its first step lands on the minimum
     target = torch.randn(2, 5, 6, generator=g).double()
     calls = []
-    x, iters = lbfgs_each(quadratics(scales, target, owner, calls), torch.zeros(2, 5, 6).double(), owner, max_iter=500, tol=1e-6,
-                          tol_change=0)
+    fun = quadratics(scales, target, owner, calls)
+    x, iters = lbfgs_each(fun, torch.zeros(2, 5, 6).double(), owner, max_iter=500, tol=1e-6, tol_change=0)
     grad = scales * (x - target)
     assert grad.abs().max() <= 1e-6
     assert iters.shape == (2, 3) and (iters[:, 0] == 1).all() and (iters[:, 2] > iters[:, 1]).all()
