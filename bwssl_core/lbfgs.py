@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 Fun = Callable[[torch.Tensor, list], tuple[torch.Tensor, torch.Tensor]]
 
@@ -38,9 +39,9 @@ def lbfgs_each(fun: Fun, x0: torch.Tensor, owner: torch.Tensor, max_iter: int = 
     own = owner.to(x0.device)  # (K,) each column's position in live_p
 
     def per_problem(colwise: torch.Tensor, reduce: str = "sum") -> torch.Tensor:  # (G, K') -> (G, P')
+        if reduce == "sum":  # a matmul with the one-hot owner matrix: deterministic on a GPU, unlike index_add
+            return colwise @ F.one_hot(own, len(live_p)).to(colwise.dtype)
         out = colwise.new_zeros(G, len(live_p))
-        if reduce == "sum":
-            return out.index_add_(1, own, colwise)
         return out.scatter_reduce_(1, own.expand(G, -1), colwise, "amax", include_self=False)
 
     def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # per (group, problem): (G, P')

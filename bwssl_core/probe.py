@@ -152,6 +152,7 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: tor
                 groups.append((sum(counts[:i]), len(js), k, ys[js].T[:, None].expand(n, G, len(js)).contiguous()))
             layouts.clear()  # the batch only shrinks: an older layout is never needed again
             pos = torch.tensor([i for i, k in enumerate(counts) for _ in range(k)], device=z.device)  # col -> problem
+            pos = F.one_hot(pos, len(live)).to(z.dtype)  # (K', live): sums columns per problem, deterministically
             layouts[tuple(live)] = (c[:, cols], l2k[:, cols], groups, pos)
         return layouts[tuple(live)]
 
@@ -166,7 +167,7 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: tor
             for first_col, nj, k, t in groups:
                 part = logits[..., first_col:first_col + nj * k].unflatten(2, (nj, k))  # (G, n, J_k, k)
                 loss.append(F.cross_entropy(part.permute(1, 3, 0, 2), t, reduction="none").mean(0))  # (G, J_k)
-            f = torch.cat(loss, 1).index_add(1, pos, 0.5 * l2l * B.pow(2).sum(2))  # (G, live): plus each penalty
+            f = torch.cat(loss, 1) + (0.5 * l2l * B.pow(2).sum(2)) @ pos  # (G, live): plus each penalty
             (grad,) = torch.autograd.grad(f.sum(), x)
         return f.detach(), grad
 
