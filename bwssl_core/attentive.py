@@ -38,7 +38,9 @@ class AttentivePool(nn.Module):
         weighted mean of xhat, times g, plus b. So frozen tokens are normalised once, not every epoch,
         and no gradient flows to them."""
         g, b = self.norm.weight, self.norm.bias
-        scores = (self.query * g) @ xhat.mT  # (heads, D) @ (B, D, L) -> (B, heads, L)
+        # (B, heads, D) @ (B, D, L) -> (B, heads, L): as a batched matmul, 11-17% faster a step than a
+        # broadcast one (an mm of (B * L, D) by (D, heads) and its gradient; NOTES.md)
+        scores = torch.bmm((self.query * g).expand(len(xhat), -1, -1), xhat.mT)
         w = (scores / math.sqrt(xhat.shape[-1]) + self.pos).softmax(-1)
         logits = self.head((w @ xhat * g + b).flatten(1))  # (B, heads, D) -> (B, C)
         return (logits, w) if return_weights else logits

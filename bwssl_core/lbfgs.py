@@ -38,17 +38,20 @@ def lbfgs_each(fun: Fun, x0: torch.Tensor, owner: torch.Tensor, max_iter: int = 
     cols = torch.arange(K, device=x0.device)  # their columns in x_out
     own = owner.to(x0.device)  # (K,) each column's position in live_p
 
+    sums = F.one_hot(own, P).to(x0.dtype)  # (K', P'): sums columns per problem (a matmul: deterministic on a
+    # GPU, unlike index_add); rebuilt only when problems leave the batch
+
     def per_problem(colwise: torch.Tensor, reduce: str = "sum") -> torch.Tensor:  # (G, K') -> (G, P')
-        if reduce == "sum":  # a matmul with the one-hot owner matrix: deterministic on a GPU, unlike index_add
-            return colwise @ F.one_hot(own, len(live_p)).to(colwise.dtype)
+        if reduce == "sum":
+            return colwise @ sums
         out = colwise.new_zeros(G, len(live_p))
         return out.scatter_reduce_(1, own.expand(G, -1), colwise, "amax", include_self=False)
 
     def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # per (group, problem): (G, P')
-        return per_problem((u * v).sum(2))
+        return per_problem(torch.linalg.vecdot(u, v))
 
     def cols_of(v: torch.Tensor) -> torch.Tensor:  # (G, P') -> (G, K', 1)
-        return v[:, own, None]
+        return v.index_select(1, own)[..., None]
 
     x = x0.detach().clone()
     f, g = fun(x, live_p)
@@ -66,19 +69,20 @@ def lbfgs_each(fun: Fun, x0: torch.Tensor, owner: torch.Tensor, max_iter: int = 
             if not live_p:
                 return x_out, iters
             cols, own = cols[keep_c], (torch.cumsum(keep_p.long(), 0) - 1)[own[keep_c]]  # renumbered
+            sums = F.one_hot(own, len(live_p)).to(x.dtype)
             x, g, f, todo, gamma, count = (x[:, keep_c], g[:, keep_c], f[:, keep_p], todo[:, keep_p],
                                            gamma[:, keep_p], count[:, keep_p])
             S, Y, rho = [v[:, keep_c] for v in S], [v[:, keep_c] for v in Y], [v[:, keep_p] for v in rho]
         if it == max_iter:
             break
         # the direction: two-loop recursion, each problem with its own pairs and scale (none yet: -g)
-        d, alpha = -g, []
+        d, alpha = g.neg(), []  # updated in place: fused multiply-adds, no temporaries
         for s_i, y_i, r_i in zip(reversed(S), reversed(Y), reversed(rho)):
             alpha.append(r_i * dot(s_i, d))
-            d = d - cols_of(alpha[-1]) * y_i
-        d = d * cols_of(gamma)
+            d.addcmul_(cols_of(alpha[-1]), y_i, value=-1)
+        d.mul_(cols_of(gamma))
         for s_i, y_i, r_i, a_i in zip(S, Y, rho, reversed(alpha)):
-            d = d + cols_of(a_i - r_i * dot(y_i, d)) * s_i
+            d.addcmul_(cols_of(a_i - r_i * dot(y_i, d)), s_i)
         slope, step = dot(g, d), torch.ones_like(f)  # (G, P'): directional derivative, step length
         todo = todo & (slope < -tol_change)  # no descent left along d: stop, as torch.optim.LBFGS does
         d = d * cols_of(todo.to(d.dtype))  # a finished (group, problem) stays where it is

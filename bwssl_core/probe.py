@@ -121,7 +121,7 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: tor
     iterations, while every evaluation is one batched matmul over the problems still running. The
     problems' classes are packed side by side (padding each to the largest count cost 1.7x the
     matmuls on the study's families), problems of one class count contiguous, so each count's
-    cross-entropy is one call. B_gj = P_gj * c_gj with c_gj = (lam_g / 4 + l2_gj)^-1/2, a diagonal
+    softmax is one call; the gradient is written out (objective). B_gj = P_gj * c_gj with c_gj = (lam_g / 4 + l2_gj)^-1/2, a diagonal
     preconditioner (the same minimum in far fewer steps). A padded direction (z and lam zero) keeps zero
     weight. Returns B (G, J, C, r) and b (G, J, C), C the largest class count, a problem's absent classes
     zero-weighted with bias -inf, and each problem's iteration count (G, J) (max_iter: stopped at the cap)."""
@@ -141,35 +141,37 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: tor
         x0[..., :r], x0[..., r] = init[0].flatten(1, 2)[:, slot] / c, init[1].flatten(1)[:, slot]
     layouts = {}
 
-    def layout(live: list) -> tuple:  # the columns, preconditioner, penalty and label groups of `live`
+    def layout(live: list) -> tuple:  # the columns, preconditioner, penalty, label groups and targets of `live`
         if tuple(live) not in layouts:
             cols = torch.cat([torch.arange(first[p], first[p + 1]) for p in live]).to(z.device)
             counts = [num_classes[order[p]] for p in live]
-            groups = []  # (first column, problems, class count, targets (n, G, problems)) per class count
+            groups = []  # (first column, problems, class count) per class count
             for k in sorted(set(counts)):
                 i = counts.index(k)
-                js = [order[p] for p in live[i:i + counts.count(k)]]
-                groups.append((sum(counts[:i]), len(js), k, ys[js].T[:, None].expand(n, G, len(js)).contiguous()))
+                groups.append((sum(counts[:i]), counts.count(k), k))
             layouts.clear()  # the batch only shrinks: an older layout is never needed again
             pos = torch.tensor([i for i, k in enumerate(counts) for _ in range(k)], device=z.device)  # col -> problem
             pos = F.one_hot(pos, len(live)).to(z.dtype)  # (K', live): sums columns per problem, deterministically
-            layouts[tuple(live)] = (c[:, cols], l2k[:, cols], groups, pos)
+            target = torch.cat([F.one_hot(ys[order[p]], num_classes[order[p]]) for p in live], 1).to(z.dtype)
+            layouts[tuple(live)] = (c[:, cols], l2k[:, cols], groups, pos, target.T / n)  # target (K', n) / n
         return layouts[tuple(live)]
 
     def objective(x: torch.Tensor, live: list) -> tuple[torch.Tensor, torch.Tensor]:
-        cl, l2l, groups, pos = layout(live)
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            B, b = x[..., :r] * cl, x[..., r]  # (G, K', r), (G, K')
-            spare = -B.shape[1] % 8  # zero columns: this CPU's matmul is up to 2x slower at a width not a multiple of 8
-            logits = torch.baddbmm(F.pad(b, (0, spare))[:, None], z, F.pad(B, (0, 0, 0, spare)).transpose(1, 2))
-            loss = []
-            for first_col, nj, k, t in groups:
-                part = logits[..., first_col:first_col + nj * k].unflatten(2, (nj, k))  # (G, n, J_k, k)
-                loss.append(F.cross_entropy(part.permute(1, 3, 0, 2), t, reduction="none").mean(0))  # (G, J_k)
-            f = torch.cat(loss, 1) + (0.5 * l2l * B.pow(2).sum(2)) @ pos  # (G, live): plus each penalty
-            (grad,) = torch.autograd.grad(f.sum(), x)
-        return f.detach(), grad
+        """Each (group, problem)'s mean cross-entropy plus penalty (G, live), and the gradient by hand:
+        d logits = (softmax - one-hot) / n, then one matmul back to the weights. The log-softmax runs
+        on logits transposed to (G, K', n), samples last: over a last dimension of 3-8 classes it cost
+        as much as a matmul. Through autograd the whole solve took 1.7x as long (NOTES.md)."""
+        cl, l2l, groups, pos, target = layout(live)
+        B, b = x[..., :r] * cl, x[..., r]  # (G, K', r), (G, K')
+        spare = -B.shape[1] % 8  # zero columns: a Zen 4's matmul was up to 2x slower at a width not a multiple of 8
+        logits = torch.baddbmm(F.pad(b, (0, spare))[:, None], z, F.pad(B, (0, 0, 0, spare)).transpose(1, 2))
+        logits = logits[..., :B.shape[1]].transpose(1, 2).contiguous()  # (G, K', n)
+        logp = torch.cat([logits[:, first_col:first_col + nj * k].unflatten(1, (nj, k)).log_softmax(2).flatten(1, 2)
+                          for first_col, nj, k in groups], 1)  # (G, K', n): each problem's classes normalised
+        f = (0.5 * l2l * B.pow(2).sum(2) - torch.linalg.vecdot(logp, target)) @ pos  # (G, live)
+        dlogits = logp.exp_().div_(n).sub_(target)  # (G, K', n), in logp's memory
+        gB = torch.bmm(dlogits, z).addcmul_(l2l[..., None], B)  # (G, K', r)
+        return f, torch.cat([gB * cl, dlogits.sum(2)[..., None]], 2)
 
     x, iters = lbfgs_each(objective, x0, owner, max_iter)
     B_out = z.new_zeros(G, J * C, r)
