@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from bwssl_core.cache import CachedClips, build_cache, gpu_augment
 from bwssl_core.prefetch import CacheBatches
+from bwssl_core.timing import device_name
 from bwssl_core.io import save_json
 from bwssl_core.video import VideoClips, train_transform
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"), machine=platform.platform(),
         cpu_count=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(), device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        device_name=device_name(device),
         args=vars(args), cache_build_s=build_s,
         results=[dict(path=n, workers=w, clips_per_s=r, clips_timed=c) for n, w, r, c in rows])
     save_json(Path(args.out), result)

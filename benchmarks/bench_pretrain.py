@@ -24,7 +24,6 @@ import contextlib
 import datetime
 import gc
 import math
-import platform
 import statistics
 import tempfile
 import time
@@ -38,7 +37,7 @@ from bwssl_core.flops import mfu, train_step_flops
 from bwssl_core.io import save_json
 from bwssl_core.masking import tube_mask
 from bwssl_core.pipeline import BlockWorker, pipeline_estimate
-from bwssl_core.timing import add_device_args, device_from_args, sync
+from bwssl_core.timing import add_device_args, device_from_args, device_name, sync
 from bwssl_core.train import Trainer, peak_memory_gib, step_mask
 
 VARIANTS = {  # name: (model overrides, per-block backward)
@@ -300,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
             per_block += b
     print_table(rows, per_block, peak)
     env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "device": device_name(device),
            "threads": torch.get_num_threads(), "peak_dtype": str(dtype).split(".")[-1], "peak_flop_per_s": peak}
     try:
         import transformers

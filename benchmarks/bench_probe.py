@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import time
 
 import torch
@@ -25,7 +24,7 @@ from bwssl_core.io import save_json
 from bwssl_core.model import VideoMAE
 from bwssl_core.probe import POOLINGS, feature_precision, layer_features
 from bwssl_core.synth import FAMILIES, SynthConfig, synth_batch
-from bwssl_core.timing import add_device_args, device_from_args, sync
+from bwssl_core.timing import add_device_args, device_from_args, device_name, sync
 
 
 def make_clips(n: int, cfg, device: torch.device, chunk: int = 256, seed: int = 0):
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{args.preset:8} {args.clips:6d} {pool:8} {'':>10} {s:9.1f} {features_s + s:8.1f}")
     print(f"all poolings: {features_s + sum(probes_s.values()):.1f} s")
     env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "device": device_name(device),
            "threads": torch.get_num_threads(), "precision": feature_precision(device, args.precision)}
     result = {"env": env, "args": vars(args), "make_clips_s": make_s, "features_s": features_s,
               "probes_s": probes_s, "total_s": features_s + sum(probes_s.values()),

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -24,3 +27,16 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so that a host timer measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """What ran a benchmark: the GPU's name, or the CPU's model and core count (the VMs behind one name differ
+    between sessions, so CPU timings compare only beside this)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "cpu"
+    return f"{model}, {os.cpu_count()} cores"

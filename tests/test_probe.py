@@ -274,3 +274,34 @@ def test_probe_benchmark_runs_on_cpu(tmp_path):
     assert result["total_s"] == pytest.approx(result["features_s"] + sum(result["probes_s"].values()))
     assert set(result["best_acc"]["grid"]) == set(FAMILIES)
     assert all(0 <= a <= 1 for a in result["best_acc"]["mean"].values())
+
+
+def test_study_probe_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/bench_study_probes.py on a tiny finished study: every probed run and both controls
+    timed (features apart from the probes), each with its best-layer accuracies and the attentive probe's."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from notebook_fixtures import bwssl
+
+    data, study = tmp_path / "data", tmp_path / "study"
+    bwssl("synth", "--out", str(data), "--n-train", "48", "--n-val", "16", "--size", "32", "--frames", "4",
+          "--workers", "1")
+    bwssl("pretrain", "--preset", "tiny", "--data", str(data), "--steps", "2", "--batch-size", "4", "--workers", "0",
+          "--device", "cpu", "--out", str(study / "runs" / "e2e"))
+    (study / "study.json").write_text(json.dumps({"params": {"data": str(data), "runs": ["e2e"],
+                                                             "poolings": ["mean", "grid"]}}))
+    spec = importlib.util.spec_from_file_location(
+        "bench_study_probes", Path(__file__).parents[1] / "benchmarks" / "bench_study_probes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "probes.json"
+    bench.main(["--study", str(study), "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["models"]) == {"e2e", "random_init", "pixels"} and result["clips"] == [48, 16]
+    assert result["probes_s"] == pytest.approx(result["linear_s"] + result["attentive_s"])
+    for row in result["models"].values():
+        assert row["features_s"] > 0 and row["linear_s"] > 0 and row["attentive_s"] > 0
+        assert set(row["best_acc"]) == {"mean", "grid"} and set(row["attentive_acc"]) == {"motion"}
+        assert all(0 <= a <= 1 for a in [*row["best_acc"]["grid"].values(), *row["attentive_acc"]["motion"]])
