@@ -122,8 +122,8 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: tor
     problems' classes are packed side by side (padding each to the largest count cost 1.7x the
     matmuls on the study's families), problems of one class count contiguous, so each count's
     softmax is one call; the gradient is written out (objective). B_gj = P_gj * c_gj with
-    c_gj = (lam_g / 4 + l2_gj)^-1/2, a diagonal preconditioner (the same minimum in far fewer steps). A padded direction (z and lam zero) keeps zero
-    weight. Returns B (G, J, C, r) and b (G, J, C), C the largest class count, a problem's absent classes
+    c_gj = (lam_g / 4 + l2_gj)^-1/2, a diagonal preconditioner (the same minimum in far fewer steps). A
+    padded direction (z and lam zero) keeps zero weight. Returns B (G, J, C, r) and b (G, J, C), C the largest class count, a problem's absent classes
     zero-weighted with bias -inf, and each problem's iteration count (G, J) (max_iter: stopped at the cap)."""
     G, n, r = z.shape
     J, C = ys.shape[0], max(num_classes)
