@@ -113,18 +113,18 @@ def _eigh_kept(m: torch.Tensor, rel_eps: float) -> tuple[torch.Tensor, torch.Ten
 
 def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: torch.Tensor,
          max_iter: int, init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """G x J multinomial logistic regressions solved together: features z (G, n, r) of G groups (layers),
-    each in its principal basis with variances lam (G, r) (zero-padded to a common r), and labels
-    ys (J, n) shared by the groups, problem (g, j) with num_classes[j] classes and penalty l2 (J,) or
-    (G, J), minimising mean cross-entropy + l2_gj/2 ||B_gj||^2. Each problem runs its own L-BFGS
-    (lbfgs.lbfgs_each) and stops at its own convergence (gradient max-norm below 1e-4) or after max_iter
-    iterations, while every evaluation is one batched matmul over the problems still running. The
-    problems' classes are packed side by side (padding each to the largest count cost 1.7x the
-    matmuls on the study's families), problems of one class count contiguous, so each count's
-    softmax is one call; the gradient is written out (objective). B_gj = P_gj * c_gj with
-    c_gj = (lam_g / 4 + l2_gj)^-1/2, a diagonal preconditioner (the same minimum in far fewer steps). A
-    padded direction (z and lam zero) keeps zero weight. Returns B (G, J, C, r) and b (G, J, C), C the largest class count, a problem's absent classes
-    zero-weighted with bias -inf, and each problem's iteration count (G, J) (max_iter: stopped at the cap)."""
+    """G x J multinomial logistic regressions solved together: features z (G, n, r) of G groups (layers), each in
+    its principal basis with variances lam (G, r) (zero-padded to a common r), and labels ys (J, n) shared by
+    the groups, problem (g, j) with num_classes[j] classes and penalty l2 (J,) or (G, J), minimising mean
+    cross-entropy + l2_gj/2 ||B_gj||^2. Each problem runs its own L-BFGS (lbfgs.lbfgs_each) and stops at its own
+    convergence (gradient max-norm below 1e-4) or after max_iter iterations, while every evaluation is one
+    batched matmul over the problems still running. The problems' classes are packed side by side (padding each
+    to the largest count cost 1.7x the matmuls on the study's families), problems of one class count contiguous,
+    so each count's softmax is one call; the gradient is written out (objective). B_gj = P_gj * c_gj with c_gj =
+    (lam_g / 4 + l2_gj)^-1/2, a diagonal preconditioner (the same minimum in far fewer steps). A padded
+    direction (z and lam zero) keeps zero weight. Returns B (G, J, C, r) and b (G, J, C), C the largest class
+    count, a problem's absent classes zero-weighted with bias -inf, and each problem's iteration count (G, J)
+    (max_iter: stopped at the cap)."""
     G, n, r = z.shape
     J, C = ys.shape[0], max(num_classes)
     order = sorted(range(J), key=lambda j: num_classes[j])  # problem p of the solver is problem order[p]
