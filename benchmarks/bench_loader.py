@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 from bwssl_core.cache import CachedClips, build_cache, gpu_augment
 from bwssl_core.prefetch import CacheBatches
-from bwssl_core.timing import device_name
 from bwssl_core.io import save_json
+from bwssl_core.timing import device_name
 from bwssl_core.video import VideoClips, train_transform
 
 

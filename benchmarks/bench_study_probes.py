@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     device, study = device_from_args(args), Path(args.study)
     par = study_parameters(study)
     runs = {name: load_run(run_dir(study, name), device) for name in par["runs"]}
-    cfg, seed = next(iter(runs.values()))[0].cfg, next(iter(runs.values()))[1]["train"]["seed"]
+    first, config = next(iter(runs.values()))
+    cfg, seed = first.cfg, config["train"]["seed"]
     torch.manual_seed(seed)  # the random-init control: the runs' starting weights, as evaluate.depthwise makes it
     models = {**{name: model for name, (model, _) in runs.items()}, "random_init": VideoMAE(cfg), "pixels": None}
     (train_clips, train_y), (val_clips, val_y) = (load_split(par["data"], s, cfg) for s in ("train", "val"))

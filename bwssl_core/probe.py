@@ -160,7 +160,7 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: tor
         """Each (group, problem)'s mean cross-entropy plus penalty (G, live), and the gradient by hand:
         d logits = (softmax - one-hot) / n, then one matmul back to the weights. The log-softmax runs
         on logits transposed to (G, K', n), samples last: over a last dimension of 3-8 classes it cost
-        as much as a matmul. Through autograd the whole solve took 1.7x as long (NOTES.md)."""
+        as much as a matmul. Through autograd the E2E grid solve took 1.5x as long (NOTES.md)."""
         cl, l2l, groups, pos, target = layout(live)
         B, b = x[..., :r] * cl, x[..., r]  # (G, K', r), (G, K')
         spare = -B.shape[1] % 8  # zero columns: a Zen 4's matmul was up to 2x slower at a width not a multiple of 8
