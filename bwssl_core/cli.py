@@ -142,6 +142,7 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
     """The batch source that --data names (see batches.py)."""
     from .batches import ClipTensorFile, DatasetBatches, MovingShapes
     from .cache import CachedClips
+    from .evaluate import tensor_rate_check
     from .prefetch import CacheBatches
 
     size, expected = mcfg.img_size, (mcfg.in_chans, mcfg.num_frames, mcfg.img_size, mcfg.img_size)
@@ -151,6 +152,7 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
     if path.is_dir() and (path / "train.pt").exists() and not (path / "train.csv").exists():
         path = path / "train.pt"  # a folder of clip tensors (bwssl synth --format tensor)
     if path.suffix == ".pt":
+        tensor_rate_check(path, dcfg.sampling_rate)
         source = ClipTensorFile(path, tcfg.batch_size, tcfg.seed)
         if source.clip_shape() != expected:
             raise ConfigError(f"{path}: clips of (C, T, H, W) = {source.clip_shape()}, expected {expected} "

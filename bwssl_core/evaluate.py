@@ -4,6 +4,7 @@ pixels (each tube's pixels as a token, pooled the same way)."""
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: in
 
     data = Path(data)
     if (data / f"{split}.pt").exists() and not (data / f"{split}.csv").exists():
+        tensor_rate_check(data / f"{split}.pt", sampling_rate)
         return _tensor_split(data / f"{split}.pt", cfg)
     rate = sampling_rate or (1 if (data / "synth.json").exists() else 4)
     clips = VideoClips(data / f"{split}.csv", num_frames=cfg.num_frames, sampling_rate=rate, mode="eval",
@@ -43,6 +45,13 @@ def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: in
         for fam in families:
             labels[fam] = torch.tensor([int(rows[e.path.resolve()][fam]) for e in entries])
     return video, labels
+
+
+def tensor_rate_check(path: Path, sampling_rate: int | None) -> None:
+    """Clip tensors are used frame by frame as stored: a sampling rate (of decoded videos) would be ignored."""
+    if sampling_rate not in (None, 0, 1):
+        raise ConfigError(f"sampling_rate={sampling_rate}: {path} holds clip tensors, used frame by frame as "
+                          "stored; a sampling rate applies to decoded videos only (0 or 1 here)")
 
 
 def _tensor_split(path: Path, cfg: ModelConfig) -> tuple[torch.Tensor, dict]:
@@ -76,19 +85,26 @@ def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings
     weights, clips and labels (features.py), so controls shared by several runs are computed once;
     `meta` (config, checkpoint, data) is recorded beside each entry.
     attentive_layers (e.g. [-1]): also the token-level attentive probe on those layers (the last
-    for pixels), for attentive_families (default: all), under the key "attentive".
+    for pixels), for attentive_families (default: those of `families`), under the key "attentive".
     precision: of the frozen features ("auto": bf16 where native, see probe.feature_precision).
     """
     (train_clips, train_labels), (val_clips, val_labels) = train, val
     families = list(train_labels) if families is None else list(families)
-    missing = [f for f in families if f not in train_labels or f not in val_labels]
+    attentive_families = list(attentive_families or families)
+    probed = list(dict.fromkeys(families + (attentive_families if attentive_layers else [])))
+    missing = [f for f in probed if f not in train_labels or f not in val_labels]
     if missing:
         raise ConfigError(f"label families {missing} are not in the data (it has {sorted(train_labels)})")
     cfg, store, precision = model.cfg, FeatureCache(cache), feature_precision(device, precision)
     torch.manual_seed(seed)
     models = {"trained": model, "random_init": VideoMAE(cfg), "pixels": None}
     clips_key = tensor_hash(train_clips, val_clips)
-    ks = tuple(k for k in ks if k <= len(train_clips))
+    if any(k > len(train_clips) for k in ks):  # nearest() could not answer them: said, not silently dropped
+        warnings.warn(f"a gallery of {len(train_clips)} training clips: R@k for k in "
+                      f"{[k for k in ks if k > len(train_clips)]} left out", stacklevel=2)
+        ks = tuple(k for k in ks if k <= len(train_clips))
+        if not ks:
+            raise ConfigError(f"ks: every k exceeds the {len(train_clips)} training clips of the gallery")
     splits = {"train": train_clips, "val": val_clips}
     out = {}
     for name, net in models.items():
@@ -120,7 +136,7 @@ def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings
             if token_layers:
                 tr_t, va_t = token_level()
                 res["attentive"] = {}
-                for fam in attentive_families or families:
+                for fam in attentive_families:
                     fits = [attentive_probe(tr_t[i], train_labels[fam], va_t[i], val_labels[fam], seed=seed,
                                             device=device, precision=precision) for i in range(len(token_layers))]
                     res["attentive"][fam] = {"layers": token_layers, **{k: [f[k] for f in fits] for k in fits[0]}}
@@ -128,8 +144,8 @@ def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings
 
         probe_key = key_of("probe", features=feat_key, seed=seed, ks=list(ks), attentive=list(attentive_layers),
                            attentive_protocol=ATTENTIVE_PROTOCOL, linear_protocol=LINEAR_PROTOCOL,
-                           precision=precision, attentive_families=list(attentive_families or families),
-                           labels={f: tensor_hash(train_labels[f], val_labels[f]) for f in families})
+                           precision=precision, attentive_families=attentive_families,
+                           labels={f: tensor_hash(train_labels[f], val_labels[f]) for f in probed})
         out[name] = store.get(probe_key, lambda: probes(store.get(feat_key, compute, meta)), meta)
     return out
 

@@ -24,16 +24,18 @@ Fun = Callable[[torch.Tensor, list], tuple[torch.Tensor, torch.Tensor]]
 
 
 def lbfgs_each(fun: Fun, x0: torch.Tensor, owner: torch.Tensor, max_iter: int = 300, tol: float = 1e-4,
-               history: int = 10, tol_change: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor]:
+               history: int = 10, tol_change: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Minimise every problem of x0 (G, K, m) from x0. A problem stops when the max-norm of its gradient
     is at most `tol`, when its value or its step changes by less than `tol_change`, or after `max_iter`
     iterations (the stopping tests of torch.optim.LBFGS, per problem). Line search: backtracking from a
     step of 1 to the Armijo condition (suits a preconditioned problem, whose unit step is near Newton's).
-    Returns the minimiser (G, K, m) and each (group, problem)'s iteration count (G, P) on the CPU; a
-    count of max_iter means that problem stopped at the cap."""
+    A curvature pair with y . s <= 1e-10 y . y is skipped for its problem, whose history stays as it was (as
+    torch.optim.LBFGS skips one with y . s <= 1e-10: kept as an inert pair, it would push a good one out).
+    Returns the minimiser (G, K, m), each (group, problem)'s iteration count (G, P) and whether it stopped
+    at the cap still short of convergence (G, P), on the CPU."""
     G, K, _ = x0.shape
     P = int(owner.max()) + 1
-    x_out, iters = x0.detach().clone(), torch.zeros(G, P, dtype=torch.long)
+    x_out, iters, capped = x0.detach().clone(), torch.zeros(G, P, dtype=torch.long), torch.zeros(G, P, dtype=bool)
     live_p = list(range(P))  # problems still in the batch, ascending
     cols = torch.arange(K, device=x0.device)  # their columns in x_out
     own = owner.to(x0.device)  # (K,) each column's position in live_p
@@ -67,7 +69,7 @@ def lbfgs_each(fun: Fun, x0: torch.Tensor, owner: torch.Tensor, max_iter: int = 
             iters[:, [p for p, out in zip(live_p, gone) if out]] = count[:, done].cpu()
             live_p = [p for p, out in zip(live_p, gone) if not out]
             if not live_p:
-                return x_out, iters
+                return x_out, iters, capped
             cols, own = cols[keep_c], (torch.cumsum(keep_p.long(), 0) - 1)[own[keep_c]]  # renumbered
             sums = F.one_hot(own, len(live_p)).to(x.dtype)
             x, g, f, todo, gamma, count = (x[:, keep_c], g[:, keep_c], f[:, keep_p], todo[:, keep_p],
@@ -97,15 +99,25 @@ def lbfgs_each(fun: Fun, x0: torch.Tensor, owner: torch.Tensor, max_iter: int = 
             f_try, g_try = fun(x_new, live_p)
             f_new, g_new = torch.where(short, f_try, f_new), torch.where(cols_of(short), g_try, g_new)
         s, y = x_new - x, g_new - g
-        ys = dot(y, s)
-        fresh = todo & (ys > 1e-10)  # a pair that keeps the inverse Hessian positive definite
-        S, Y = (S + [s])[-history:], (Y + [y])[-history:]
-        rho = (rho + [torch.where(fresh, 1 / ys.clamp_min(1e-30), 0.0)])[-history:]
-        gamma = torch.where(fresh, ys / dot(y, y).clamp_min(1e-30), gamma)
+        ys, yy = dot(y, s), dot(y, y)
+        # a pair that keeps the inverse Hessian positive definite, its curvature y.y / y.s below 1e10: relative,
+        # since near a stiff minimum y.s itself falls below any fixed threshold while the pair is still sound
+        fresh = todo & (ys > 1e-10 * yy)
+        S, Y, rho = S + [s], Y + [y], rho + [torch.where(fresh, 1 / ys.clamp_min(1e-30), 0.0)]  # else inert
+        if len(S) > history:  # the oldest pair goes, except for a problem whose new pair was skipped
+            skip = todo & ~fresh
+            if skip.any():  # rare: a step across negative curvature (y . s <= 0), or y . s lost in rounding
+                kc = cols_of(skip.to(x.dtype)) > 0
+                S = [torch.where(kc, old, new) for old, new in zip(S, S[1:])]
+                Y = [torch.where(kc, old, new) for old, new in zip(Y, Y[1:])]
+                rho = [torch.where(skip, old, new) for old, new in zip(rho, rho[1:])]
+            else:
+                S, Y, rho = S[1:], Y[1:], rho[1:]
+        gamma = torch.where(fresh, ys / yy.clamp_min(1e-30), gamma)
         count += todo.long()
         todo = todo & (per_problem(g_new.abs().amax(2), "amax") > tol) & ((f_new - f).abs() >= tol_change) \
             & (per_problem(s.abs().amax(2), "amax") > tol_change)
         x, f, g = x_new, f_new, g_new
     x_out[:, cols] = x  # the problems that reached max_iter
-    iters[:, live_p] = count.cpu()
-    return x_out, iters
+    iters[:, live_p], capped[:, live_p] = count.cpu(), todo.cpu()
+    return x_out, iters, capped

@@ -8,6 +8,7 @@ Poolings of a layer's tokens (B, L, D), L over the (T', H', W') grid:
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from typing import Iterable
 
@@ -112,7 +113,7 @@ def _eigh_kept(m: torch.Tensor, rel_eps: float) -> tuple[torch.Tensor, torch.Ten
 
 
 def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: torch.Tensor,
-         max_iter: int, init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         max_iter: int, init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """G x J multinomial logistic regressions solved together: features z (G, n, r) of G groups (layers), each in
     its principal basis with variances lam (G, r) (zero-padded to a common r), and labels ys (J, n) shared by
     the groups, problem (g, j) with num_classes[j] classes and penalty l2 (J,) or (G, J), minimising mean
@@ -123,8 +124,8 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: tor
     so each count's softmax is one call; the gradient is written out (objective). B_gj = P_gj * c_gj with c_gj =
     (lam_g / 4 + l2_gj)^-1/2, a diagonal preconditioner (the same minimum in far fewer steps). A padded
     direction (z and lam zero) keeps zero weight. Returns B (G, J, C, r) and b (G, J, C), C the largest class
-    count, a problem's absent classes zero-weighted with bias -inf, and each problem's iteration count (G, J)
-    (max_iter: stopped at the cap)."""
+    count, a problem's absent classes zero-weighted with bias -inf, each problem's iteration count (G, J) and
+    whether it stopped at max_iter short of convergence (G, J)."""
     G, n, r = z.shape
     J, C = ys.shape[0], max(num_classes)
     order = sorted(range(J), key=lambda j: num_classes[j])  # problem p of the solver is problem order[p]
@@ -173,12 +174,12 @@ def _fit(z: torch.Tensor, ys: torch.Tensor, num_classes: list[int], l2, lam: tor
         gB = torch.bmm(dlogits, z).addcmul_(l2l[..., None], B)  # (G, K', r)
         return f, torch.cat([gB * cl, dlogits.sum(2)[..., None]], 2)
 
-    x, iters = lbfgs_each(objective, x0, owner, max_iter)
+    x, iters, capped = lbfgs_each(objective, x0, owner, max_iter)
     B_out = z.new_zeros(G, J * C, r)
     b_out = z.new_full((G, J * C), float("-inf"))  # an absent class never wins
     B_out[:, slot], b_out[:, slot] = x[..., :r] * c, x[..., r]
     inverse = [order.index(j) for j in range(J)]
-    return B_out.view(G, J, C, r), b_out.view(G, J, C), iters[:, inverse]
+    return B_out.view(G, J, C, r), b_out.view(G, J, C), iters[:, inverse], capped[:, inverse]
 
 
 def _accuracy(z: torch.Tensor, B: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -193,6 +194,9 @@ class ProbeSpace:
     basis itself is not kept (only fit() needs it), which saves two large matmuls when d > n."""
 
     def __init__(self, train_x: torch.Tensor, val_x: torch.Tensor, basis: bool = True, rel_eps: float = 1e-7):
+        if train_x.ndim != 2 or val_x.shape[1:] != train_x.shape[1:]:
+            raise ConfigError(f"features: expected (N, F) for both splits with the same F, got train "
+                              f"{tuple(train_x.shape)} and validation {tuple(val_x.shape)}")
         mean, std = train_x.mean(0), train_x.std(0) + 1e-6
         tx, vx = (train_x - mean) / std, (val_x - mean) / std
         n, d = tx.shape
@@ -215,7 +219,7 @@ class ProbeSpace:
         if self.basis is None:
             raise ValueError("fit() maps weights back through the basis: make the ProbeSpace with basis=True")
         y = y.to(self.train.device)
-        B, b, _ = _fit(self.train[None], y[None], [int(y.max()) + 1], [l2], self.lam[None], max_iter)
+        B, b, _, _ = _fit(self.train[None], y[None], [int(y.max()) + 1], [l2], self.lam[None], max_iter)
         return B[0, 0] @ self.basis.T, b[0, 0]
 
     def probe(self, train_y: torch.Tensor, val_y: torch.Tensor, **kwargs) -> dict:
@@ -251,10 +255,11 @@ def probe_spaces(spaces: list[ProbeSpace], labels: dict[str, tuple[torch.Tensor,
             raise ConfigError(f"features and labels{'' if fam == 'y' else f' of {fam}'} differ in length: "
                               f"train {n} vs {len(train_y)}, validation {m} vs {len(val_y)}")
         counts[fam] = int(max(train_y.max(), val_y.max())) + 1
-        if len(train_y) < 2 * counts[fam] / (1 - holdout):
+        need = math.ceil(2 * counts[fam] / (1 - holdout) - 1e-9)  # the rounding of 2 * 8 / 0.8 aside
+        if len(train_y) < need:
             raise ConfigError(f"{len(train_y)} training samples are fewer than the probe needs for {counts[fam]} "
-                              f"classes (at least {int(2 * counts[fam] / (1 - holdout)) + 1}: two per class to "
-                              f"fit, plus a {holdout:.0%} held-out part to choose l2)")
+                              f"classes (at least {need}: two per class to fit, plus a {holdout:.0%} held-out "
+                              "part to choose l2)")
     if any(len(s.train) != n or len(s.val) != m for s in spaces):
         raise ConfigError(f"the layers' features differ in length: train {[len(s.train) for s in spaces]}, "
                           f"validation {[len(s.val) for s in spaces]}")
@@ -268,17 +273,17 @@ def probe_spaces(spaces: list[ProbeSpace], labels: dict[str, tuple[torch.Tensor,
     hold, rows = holdout_split(n, holdout, seed, dev)
     # problem j = (family j // len(grid), l2 grid[j % len(grid)])
     ys = train_y.repeat_interleave(len(grid), 0)  # (F * G, n)
-    B, b, held_iters = _fit(tz[:, rows], ys[:, rows], [counts[f] for f in fams for _ in grid], grid * len(fams), lam,
-                            max_iter)
+    B, b, _, held_capped = _fit(tz[:, rows], ys[:, rows], [counts[f] for f in fams for _ in grid], grid * len(fams),
+                                lam, max_iter)
     scores = _accuracy(tz[:, hold], B, b, ys[:, hold]).view(len(spaces), len(fams), len(grid)).tolist()
     best = [[max(range(len(grid)), key=lambda i: (s[i], grid[i])) for s in layer] for layer in scores]  # (G, F)
     pick = torch.tensor([[f * len(grid) + i for f, i in enumerate(layer)] for layer in best], device=dev)  # (G, F)
     gi = torch.arange(len(spaces), device=dev)[:, None]
-    B, b, iters = _fit(tz, train_y, [counts[f] for f in fams], [[grid[i] for i in layer] for layer in best], lam,
-                       max_iter, (B[gi, pick], b[gi, pick]))  # each (layer, family) at its own l2
-    capped = int((held_iters >= max_iter).sum() + (iters >= max_iter).sum())
-    if capped:
-        warnings.warn(f"{capped} of {held_iters.numel() + iters.numel()} linear probe fits stopped at max_iter="
+    B, b, iters, capped = _fit(tz, train_y, [counts[f] for f in fams], [[grid[i] for i in layer] for layer in best],
+                               lam, max_iter, (B[gi, pick], b[gi, pick]))  # each (layer, family) at its own l2
+    short = int(held_capped.sum() + capped.sum())
+    if short:
+        warnings.warn(f"{short} of {held_capped.numel() + capped.numel()} linear probe fits stopped at max_iter="
                       f"{max_iter} before their gradient fell below the tolerance: raise max_iter", stacklevel=2)
     acc, iters = _accuracy(vz, B, b, val_y).tolist(), iters.tolist()
     return [{f: {"acc": acc[g][j], "l2": grid[best[g][j]], "holdout_acc": scores[g][j][best[g][j]],
@@ -303,12 +308,17 @@ def nearest(train_x: torch.Tensor, val_x: torch.Tensor, k: int, chunk: int = 102
     first: the part of retrieval that no label enters, so one call serves every label family."""
     if len(train_x) < k:
         raise ConfigError(f"a gallery of {len(train_x)} clips is smaller than R@{k} needs")
+    if train_x.shape[1:] != val_x.shape[1:]:
+        raise ConfigError(f"features of different widths: gallery (train) {tuple(train_x.shape)}, queries "
+                          f"(validation) {tuple(val_x.shape)}")
     gallery = F.normalize(train_x.float(), dim=1)
     return torch.cat([(q @ gallery.T).topk(k, dim=1).indices for q in F.normalize(val_x.float(), dim=1).split(chunk)])
 
 
 def recall_at(top: torch.Tensor, train_y: torch.Tensor, val_y: torch.Tensor, ks=(1, 5, 10, 20, 50)) -> dict[str, float]:
     """R@k from nearest()'s indices top (m, >= max(ks)): a hit at k when any of a query's k nearest shares its label."""
+    if len(val_y) != len(top):
+        raise ConfigError(f"{len(top)} queries but {len(val_y)} validation labels")
     hits = train_y[top] == val_y[:, None]  # (m, kmax)
     recall = torch.stack([hits[:, :k].any(1).float().mean() for k in ks]).tolist()  # one host sync, not one per k
     return {f"R@{k}": r for k, r in zip(ks, recall)}
@@ -318,4 +328,7 @@ def retrieval(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
               ks=(1, 5, 10, 20, 50), chunk: int = 1024) -> dict[str, float]:
     """VCOP / CoCLR protocol: every validation clip queries the training gallery by cosine
     similarity; a hit at k when any of its k nearest shares its label. No clip is dropped."""
+    if len(train_x) != len(train_y) or len(val_x) != len(val_y):
+        raise ConfigError(f"features and labels differ in length: train {len(train_x)} vs {len(train_y)}, "
+                          f"validation {len(val_x)} vs {len(val_y)}")
     return recall_at(nearest(train_x, val_x, max(ks), chunk), train_y, val_y, ks)

@@ -59,6 +59,12 @@ def test_entropy_self_attention_and_rollout():
     torch.testing.assert_close(rolled.sum(-1), torch.ones(2, N))
     # one layer of uniform attention: 0.5 / N to every token plus 0.5 to itself
     torch.testing.assert_close(attention_rollout([uniform])[0, 0, :2], torch.tensor([0.5 + 0.5 / N, 0.5 / N]))
+    # two layers that do not commute: rollout = A2_hat @ A1_hat (the later layer on the left), A_hat the head
+    # mean mixed half-and-half with the identity (rows already sum to one)
+    a1, a2 = (torch.randn(1, 3, N, N, generator=torch.Generator().manual_seed(s)).softmax(-1) for s in (1, 2))
+    hat = [0.5 * a.mean(1) + 0.5 * torch.eye(N) for a in (a1, a2)]
+    assert not torch.allclose(hat[1] @ hat[0], hat[0] @ hat[1], atol=1e-3)
+    torch.testing.assert_close(attention_rollout([a1, a2]), hat[1] @ hat[0])
 
 
 def test_layer_summary_on_a_model_with_and_without_mask(tiny, clips):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bwssl_core.cli import main
+from bwssl_core.config import ConfigError, model_config
 from bwssl_core.io import load_checkpoint
 
 TINY = ["--preset", "tiny", "--steps", "2", "--batch-size", "4", "--log-every", "1", "--device", "cpu"]
@@ -48,6 +49,22 @@ def test_bad_input_stops_before_training(tmp_path, capsys, extra, message):
     assert main(["pretrain", "--out", str(tmp_path / "run"), *TINY, *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sampling_rate_for_clip_tensors_is_refused(tmp_path, capsys):
+    """Clip tensors are used frame by frame: a sampling rate would be silently ignored, so it is refused,
+    in training and in probing alike."""
+    from bwssl_core.evaluate import load_split
+
+    clips = torch.randint(0, 256, (6, 4, 32, 32, 3), dtype=torch.uint8)
+    torch.save(clips, tmp_path / "clips.pt")
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "clips.pt"), *TINY,
+                 "--sampling-rate", "2"]) == 2
+    assert "sampling_rate=2: " + str(tmp_path / "clips.pt") + " holds clip tensors" in capsys.readouterr().err
+    torch.save({"clips": clips, "labels": {"a": torch.arange(6) % 2}}, tmp_path / "val.pt")
+    with pytest.raises(ConfigError, match="sampling_rate=3: .*val.pt holds clip tensors"):
+        load_split(tmp_path, "val", model_config("tiny"), 3)
+    assert load_split(tmp_path, "val", model_config("tiny"), 1)[0].shape == (6, 3, 4, 32, 32)
 
 
 def test_clip_file_of_another_shape(tmp_path, capsys):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from bwssl_core.config import ConfigError
 from bwssl_core.probe import linear_probe, pool_tokens, retrieval
 
 
@@ -13,6 +14,12 @@ def test_retrieval_by_hand():
     assert r == {"R@1": 0.5, "R@2": 1.0, "R@3": 1.0}
     with pytest.raises(ValueError, match="gallery of 4 clips is smaller than R@50"):
         retrieval(gallery, labels, queries, torch.tensor([6, 7]))
+    with pytest.raises(ConfigError, match="validation 2 vs 1"):  # not broadcast into a number
+        retrieval(gallery, labels, queries, torch.tensor([6]), ks=(1,))
+    with pytest.raises(ConfigError, match="train 4 vs 3"):
+        retrieval(gallery, labels[:3], queries, torch.tensor([6, 7]), ks=(1,))
+    with pytest.raises(ConfigError, match=r"different widths: gallery \(train\) \(4, 2\), queries \(validation\) \(2, 3\)"):
+        retrieval(gallery, labels, torch.ones(2, 3), torch.tensor([6, 7]), ks=(1,))
 
 
 def test_probe_layers_retrieves_each_family_as_alone():
@@ -55,6 +62,12 @@ def test_probe_refuses_too_few_samples_and_mismatched_lengths():
     x, y = torch.randn(10, 4), torch.arange(10) % 8
     with pytest.raises(ValueError, match="10 training samples are fewer than the probe needs for 8 classes"):
         linear_probe(x, y, x, y)
+    x20, y20 = torch.randn(20, 4), torch.arange(20) % 8
+    with pytest.raises(ValueError, match=r"19 training samples .* 8 classes \(at least 20:"):
+        linear_probe(x20[:19], y20[:19], x20, y20)
+    assert 0 <= linear_probe(x20, y20, x20, y20)["acc"] <= 1  # 20: two per class in the 16 that fit
+    with pytest.raises(ValueError, match=r"expected \(N, F\) for both splits with the same F"):
+        linear_probe(x20, y20, x20[:, :3], y20)
     with pytest.raises(ValueError, match="features and labels differ in length: train 10 vs 9"):
         linear_probe(x, y[:9], x, y)
 
@@ -188,6 +201,36 @@ def test_probe_results_of_another_linear_protocol_are_not_reused(tmp_path, tiny,
     assert len(list(tmp_path.glob("*.pt"))) == 9 and len(list(tmp_path.glob("probe-*.pt"))) == 6
 
 
+def test_attentive_family_labels_key_the_cache_and_an_unknown_one_is_named(tmp_path, tiny):
+    """A family probed only by the attentive probe keys the cached results too: new labels, new probes. An
+    attentive family the data lacks is named before any feature is computed; an R@k the gallery cannot
+    answer is left out with a warning."""
+    from bwssl_core.evaluate import depthwise
+    from bwssl_core.model import VideoMAE
+
+    g = torch.Generator().manual_seed(0)
+    clips = [torch.randint(0, 256, (n, 3, 4, 32, 32), dtype=torch.uint8, generator=g) for n in (24, 12)]
+    model = VideoMAE(tiny())
+    kw = dict(poolings=("mean",), ks=(1, 5, 50), cache=tmp_path, attentive_layers=[-1], precision="fp32",
+              families=["a"], attentive_families=["b"])
+
+    def data(b):
+        return [(c, {"a": torch.arange(len(c)) % 2, "b": b(len(c))}) for c in clips]
+
+    def run(b):
+        with pytest.warns(UserWarning, match=r"R@k for k in \[50\] left out"):
+            return depthwise(model, *data(b), **kw)
+
+    first = run(lambda n: torch.arange(n) % 3)
+    assert "R@50" not in first["trained"]["mean"]["a"] and "R@5" in first["trained"]["mean"]["a"]
+    assert first["trained"]["attentive"]["b"]["acc"][0] < 1
+    assert run(lambda n: torch.zeros(n, dtype=torch.long))["trained"]["attentive"]["b"]["acc"] == [1.0]  # one class
+    cached = len(list(tmp_path.glob("*.pt")))
+    with pytest.raises(ConfigError, match=r"label families \['nope'\] are not in the data"):
+        depthwise(model, *data(lambda n: torch.zeros(n, dtype=torch.long)), **{**kw, "attentive_families": ["nope"]})
+    assert len(list(tmp_path.glob("*.pt"))) == cached
+
+
 @pytest.mark.parametrize("grid", [(2, 4, 6), (2, 3, 5)])  # equal cells (a plain reduction), and adaptive ones
 def test_pooling_matches_adaptive_pooling_and_accumulates_bf16_in_float32(grid):
     T, H, W = grid
@@ -215,13 +258,14 @@ def test_joint_solve_equals_one_problem_at_a_time_and_absent_classes_never_win()
     lam = torch.stack([wide.lam, torch.nn.functional.pad(narrow.lam, (0, 8))])
     ys, counts = torch.stack([y8, y3, y3]), [8, 3, 3]
     l2 = [[1e-2, 1e-2, 1e-4], [1e-3, 1e-1, 1e-2]]  # (layers, problems): each its own penalty
-    B, b, iters = _fit(z, ys, counts, l2, lam, max_iter=500)
+    B, b, iters, capped = _fit(z, ys, counts, l2, lam, max_iter=500)
     assert B.shape == (2, 3, 8, 20) and b.shape == (2, 3, 8) and iters.shape == (2, 3) and (iters < 500).all()
+    assert capped.shape == (2, 3) and not capped.any()
     assert (B[1, :, :, 12:] == 0).all()  # the padded directions keep zero weight
     for layer in range(2):
         for j in range(3):
-            Bj, bj, _ = _fit(z[layer:layer + 1], ys[j:j + 1], counts[j:j + 1], [l2[layer][j]], lam[layer:layer + 1],
-                             max_iter=500)
+            Bj, bj, _, _ = _fit(z[layer:layer + 1], ys[j:j + 1], counts[j:j + 1], [l2[layer][j]],
+                                lam[layer:layer + 1], max_iter=500)
             prob = lambda B, b: (z[layer] @ B.T + b).softmax(1)  # noqa: E731 (weights agree to the tolerance)
             # each solve stops at a gradient max-norm of 1e-4: close, not equal
             torch.testing.assert_close(prob(B[layer, j, :counts[j]], b[layer, j, :counts[j]]),
