@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         on_device = (gpu_augment(b.to(device, non_blocking=True), args.size, generator=g) for b, _ in raw)
         rows.append((f"CachedClips + gpu_augment ({device.type})", workers, *timed(on_device, sync)))
         fast = CacheBatches(plain, args.batch_size, threads=max(1, workers), device=device,
-                            augment=partial(gpu_augment, size=args.size, generator=g))
+                            augment=partial(gpu_augment, size=args.size))  # draws from (seed, step)
         batches = itertools.islice(fast(), len(plain) // args.batch_size * args.epochs)
         rows.append((f"CacheBatches (threads) + gpu_augment ({device.type})", workers, *timed(batches, sync)))
 

@@ -50,6 +50,21 @@ def epoch_batches(n: int, batch_size: int, seed: int, start_step: int = 0,
         yield epoch, order[i * batch_size:(i + 1) * batch_size][rows]
 
 
+def augmented(augment, video: torch.Tensor, seed: int, step: int, rows: slice, total: int) -> torch.Tensor:
+    """augment(video) (e.g. cache.gpu_augment) with its draws made from (seed + 2, step) on video's
+    device for all `total` clips of the step's global batch, of which video is `rows`: every process
+    of a data-parallel run, a resumed run and a single-process run give a clip the same crop and flip,
+    and no model's initialisation moves the stream (the global generator is not used)."""
+    if augment is None:
+        return video
+    return augment(video, generator=step_generator(seed + 2, step, video.device), rows=rows, total=total)
+
+
+def clip_rows(videos: slice, repeats: int) -> slice:
+    """The rows of a batch's clips (repeats per video, video-major) that a slice of its videos holds."""
+    return slice(videos.start * repeats, videos.stop * repeats)
+
+
 def shard(global_batch: int, rank: int, world: int) -> slice:
     if global_batch % world:
         raise ConfigError(f"batch_size={global_batch}: expected a multiple of the {world} processes")
@@ -123,10 +138,12 @@ class DatasetBatches:
         loader = DataLoader(self.dataset, batch_size=self.batch_size // world,
                             sampler=self._indices(start_step, rank, world), num_workers=self.workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
-        for clips, _ in loader:
+        R = getattr(self.dataset, "repeats", 1)
+        rows = clip_rows(shard(self.batch_size, rank, world), R)  # this process's clips of each global batch
+        for step, (clips, _) in enumerate(loader, start_step):
             clips = clips.flatten(0, 1) if clips.dim() == 6 else clips  # (b * R, C, T, H, W)
             clips = clips.to(self.device, non_blocking=True)
-            yield clips if self.augment is None else self.augment(clips)
+            yield augmented(self.augment, clips, self.seed, step, rows, self.batch_size * R)
 
 
 class MovingShapes:

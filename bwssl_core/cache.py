@@ -164,28 +164,32 @@ class CachedClips(ClipSampler):
 
 
 def gpu_augment(video: torch.Tensor, size: int, scale: tuple[float, float] = (0.5, 1.0), flip: bool = True,
-                generator: torch.Generator | None = None,
-                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+                generator: torch.Generator | None = None, ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                rows: slice = slice(None), total: int | None = None) -> torch.Tensor:
     """Random resized crop (one box per clip, the same over its frames) and horizontal flip (p = 0.5),
     batched on video's device: (B, C, T, H, W) -> (B, C, T, size, size), uint8 in -> uint8 out, float
     -> float. Boxes as RandomResizedCrop's (area fraction in `scale`, log-uniform aspect `ratio`),
-    clamped to the frame instead of re-drawn. `generator` must live on video's device."""
+    clamped to the frame instead of re-drawn. `generator` must live on video's device. Data-parallel:
+    the draws are made for all `total` clips of the global batch and video is its `rows` (see
+    batches.augmented), so each clip gets the crop it would get in one process."""
     B, C, T, H, W = video.shape
-    dev = video.device
-    rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)  # noqa: E731
-    area = H * W * (scale[0] + (scale[1] - scale[0]) * rand(B))
+    dev, total = video.device, total or B
+    rand = lambda n: torch.rand(n, generator=generator, device=dev)[rows]  # noqa: E731 (B,) of the global draw
+    if len(range(total)[rows]) != B:
+        raise ValueError(f"rows {rows} of a global batch of {total} clips: expected {B}, the clips given")
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * rand(total))
     log_lo, log_hi = np.log(ratio[0]), np.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * rand(B))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * rand(total))
     w = (area * aspect).sqrt().clamp(max=W)
     h = (area / aspect).sqrt().clamp(max=H)
-    x0, y0 = (W - w) * rand(B), (H - h) * rand(B)
+    x0, y0 = (W - w) * rand(total), (H - h) * rand(total)
     boxes = torch.stack([torch.arange(B * T, device=dev, dtype=torch.float),  # frame b*T + t uses clip b's box
                          *(c.repeat_interleave(T) for c in (x0, y0, x0 + w, y0 + h))], 1)  # (B*T, 5)
     frames = video.transpose(1, 2).reshape(B * T, C, H, W).float()  # (B*T, C, H, W)
     out = roi_align(frames, boxes, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     out = out.view(B, T, C, size, size).transpose(1, 2)  # (B, C, T, size, size)
     if flip:
-        mirror = (rand(B) < 0.5).view(B, 1, 1, 1, 1)
+        mirror = (rand(total) < 0.5).view(B, 1, 1, 1, 1)
         out = torch.where(mirror, out.flip(-1), out)
     if video.dtype == torch.uint8:
         return out.round().clamp(0, 255).to(torch.uint8)

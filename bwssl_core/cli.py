@@ -193,7 +193,7 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
 
 
 def cmd_pretrain(args) -> None:
-    from .train import claim_folder, default_device, pretrain
+    from .train import claim_folder, pretrain, resolve_device
 
     overrides = _picked(args, _MODEL_FLAGS)
     if args.partition:
@@ -201,7 +201,7 @@ def cmd_pretrain(args) -> None:
     mcfg = model_config(args.preset, blocks=args.blocks, **overrides)
     tcfg = TrainConfig(**_picked(args, _TRAIN_FLAGS)).validate()
     dcfg = DataConfig(**_picked(args, _DATA_FLAGS)).validate()
-    device = args.device or default_device()
+    device = str(resolve_device(args.device))
     if not args.resume:
         claim_folder(Path(args.out), args.overwrite)  # before the data writes its list of bad videos there
     source = make_source(args, mcfg, tcfg, dcfg, device)
@@ -220,12 +220,12 @@ def cmd_cache(args) -> None:
 
 def _open_run(args, result: str):
     """(result path, device, (model, config)) for an analysis of --run; refuses to overwrite."""
-    from .train import default_device, load_run
+    from .train import load_run, resolve_device
 
     out = Path(args.run) / result
     if out.exists() and not args.overwrite:
         raise RunError(f"{out} exists: pass --overwrite to replace it")
-    device = args.device or default_device()
+    device = str(resolve_device(args.device))
     return out, device, load_run(args.run, device)
 
 

@@ -178,7 +178,7 @@ class TrainConfig:
     steps: int = 1000  # optimiser steps
     batch_size: int = 8  # clips per step, all processes together
     base_lr: float = 1.5e-4  # lr = base_lr * batch_size / 256
-    min_lr: float = 1e-5  # end of the cosine schedule (also scaled by batch_size / 256)
+    min_lr: float = 1e-5  # end of the cosine schedule: min_lr * batch_size / 256 (never above the peak)
     warmup_steps: int = 100
     weight_decay: float = 0.05
     beta1: float = 0.9
@@ -232,7 +232,7 @@ PRESETS: dict[str, dict] = {
     "vit_s": dict(_VIT_224, embed_dim=384, depth=12, num_heads=6, dec_dim=192, dec_depth=4, dec_heads=3),
     "vit_b": dict(_VIT_224, embed_dim=768, depth=12, num_heads=12, dec_dim=384, dec_depth=4, dec_heads=6),
     "vit_l": dict(_VIT_224, embed_dim=1024, depth=24, num_heads=16, dec_dim=512, dec_depth=4, dec_heads=8),
-    "vit_h": dict(_VIT_224, embed_dim=1280, depth=32, num_heads=16, dec_dim=640, dec_depth=4, dec_heads=10),
+    "vit_h": dict(_VIT_224, embed_dim=1280, depth=32, num_heads=16, dec_dim=640, dec_depth=4, dec_heads=8),
     # the study on one GPU: ViT-S width and depth on 16 x 112 x 112 clips, 8 x 7 x 7 = 392 tokens; one
     # decoder layer per block, as the CPU study has (with 4, motion fell below random init: NOTES.md)
     "gpu": dict(img_size=112, num_frames=16, tubelet_size=2, patch_size=16, embed_dim=384, depth=12,

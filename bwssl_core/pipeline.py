@@ -40,10 +40,10 @@ from torch import nn
 
 from .batches import normalize_video
 from .config import ConfigError, ModelConfig, TrainConfig, to_dict
-from .io import RunError, save_checkpoint, save_json
+from .io import RunError, save_checkpoint, save_json, save_text
 from .masking import Mask
 from .model import VideoMAE
-from .train import (claim_folder, compile_module, compiled, default_device, lr_at, param_groups, peak_memory_gib,
+from .train import (claim_folder, compile_module, compiled, lr_at, param_groups, peak_memory_gib, resolve_device,
                     step_mask)
 
 
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         K, world = len(mcfg.partition), int(os.environ.get("WORLD_SIZE", "1"))
         if world != K:
             raise ConfigError(f"{K} blocks need {K} processes (torchrun --nproc-per-node {K}), got {world}")
-        device = torch.device(args.device or default_device())
+        device = resolve_device(args.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[-1].update(clips_per_s=tcfg.steps * tcfg.batch_size / seconds, steady_clips_per_s=steady,
                             seconds=[p["seconds"] for p in gathered], wait_s=[p["wait_s"] for p in gathered],
                             peak_mem_gib=max(p["peak_mem_gib"] for p in gathered))
-            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            save_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
             save_checkpoint(out / "checkpoint.pt", {"model": state, "step": tcfg.steps, "config": config,
                                                     "losses": all_losses})
             print(json.dumps({"out": str(out), **rows[-1]}))

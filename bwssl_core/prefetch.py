@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .batches import epoch_batches, shard
+from .batches import augmented, clip_rows, epoch_batches, shard
 from .config import ConfigError
 from .listfile import DataError
 from .video import clip_indices, clip_starts, item_seed
@@ -76,7 +76,7 @@ class CacheBatches:
                               for k in range(0, b, chunk)]
 
             pending = deque(submit(s) for s in range(self.depth))
-            free = self.depth
+            free, step = self.depth, start_step
             while True:
                 slot, jobs = pending.popleft()
                 for job in jobs:
@@ -89,4 +89,9 @@ class CacheBatches:
                 pending.append(submit(free))
                 free = slot
                 video = video.permute(0, 4, 1, 2, 3)  # (B, C, T, H, W)
-                yield video.contiguous() if self.augment is None else self.augment(video)
+                if self.augment is None:
+                    yield video.contiguous()
+                else:
+                    yield augmented(self.augment, video, self.seed, step, clip_rows(rows, ds.repeats),
+                                    self.batch_size * ds.repeats)
+                step += 1

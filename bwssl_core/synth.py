@@ -20,8 +20,10 @@ tube targets unpredictable).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .io import RunError, save_json, save_tensors
+from .io import RunError, save_json, save_tensors, save_text
 
 MOTIONS = ("right", "left", "down", "up", "clockwise", "anticlockwise", "expand", "contract")
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -224,12 +226,30 @@ def holds_dataset(folder: str | Path) -> bool:
     return (Path(folder) / "train.csv").exists() or (Path(folder) / "train.pt").exists()
 
 
-def _write_tensors(out: Path, n_train: int, n_val: int, cfg: SynthConfig, seed: int, device, chunk: int = 256) -> None:
-    """{split}.pt: {"clips": uint8 (N, T, H, W, C), "labels": {family: (N,)}}, rendered on `device`."""
-    for split, n in (("train", n_train), ("val", n_val)):
+# a data set's files; train.csv and train.pt (what holds_dataset looks for) written last and removed first,
+# so that a write cut short by a kill never leaves a folder that counts as holding a data set
+SET_FILES = ("train.csv", "train.pt", "val.csv", "val.pt", "metadata.csv", "synth.json")
+
+
+def _clear(out: Path) -> None:
+    """Remove the data set in `out` (its videos/ too when `bwssl synth` wrote it), train files first."""
+    ours = (out / "synth.json").exists()
+    for name in SET_FILES:
+        (out / name).unlink(missing_ok=True)
+    if ours and (out / "videos").is_dir():
+        shutil.rmtree(out / "videos")
+
+
+def _write_tensors(out: Path, n_train: int, n_val: int, cfg: SynthConfig, seed: int, device, info: dict,
+                   chunk: int = 256) -> None:
+    """{split}.pt: {"clips": uint8 (N, T, H, W, C), "labels": {family: (N,)}}, rendered on `device`; val.pt,
+    synth.json, then train.pt."""
+    for split, n in (("val", n_val), ("train", n_train)):
         f = split_factors(n, cfg, seed, split)
         clips = torch.cat([render({k: v[s:s + chunk] for k, v in f.items()}, cfg, device).cpu()
                            for s in range(0, n, chunk)])
+        if split == "train":
+            save_json(out / "synth.json", info)
         save_tensors(out / f"{split}.pt", {"clips": clips, "labels": labels(f)})
 
 
@@ -247,13 +267,13 @@ def write_dataset(out: str | Path, n_train: int = 2000, n_val: int = 500, cfg: S
         raise ConfigError(f"format={fmt!r}: expected one of {', '.join(FORMATS)}")
     if holds_dataset(out) and not overwrite:
         raise RunError(f"{out} already holds a data set: choose another --out or pass --overwrite")
+    _clear(out)  # a set of the other format must not outlive this one (train.csv would win over train.pt)
     info = {"config": asdict(cfg), "seed": seed, "n_train": n_train, "n_val": n_val, "format": fmt,
             "families": {k: n for k, n in FAMILIES.items()}, "motions": MOTIONS, "shapes": SHAPES,
             "primary": "motion"}
     if fmt == "tensor":
         out.mkdir(parents=True, exist_ok=True)
-        _write_tensors(out, n_train, n_val, cfg, seed, device)
-        save_json(out / "synth.json", info)
+        _write_tensors(out, n_train, n_val, cfg, seed, device, info)
         return out
     workers = workers or os.cpu_count() or 1
     jobs, rows = [], []
@@ -271,14 +291,14 @@ def write_dataset(out: str | Path, n_train: int = 2000, n_val: int = 500, cfg: S
     else:
         list(map(_write_chunk, jobs))
     _check_readable(out / rows[0]["path"], jobs[0][0], cfg)
-    for split in ("train", "val"):
-        lines = [f"{r['path']} {r['motion']}\n" for r in rows if r["split"] == split]
-        (out / f"{split}.csv").write_text("".join(lines))
-    with open(out / "metadata.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    save_text(out / "metadata.csv", table.getvalue())
     save_json(out / "synth.json", info)
+    for split in ("val", "train"):  # train.csv last: only a finished set holds one
+        save_text(out / f"{split}.csv", "".join(f"{r['path']} {r['motion']}\n" for r in rows if r["split"] == split))
     return out
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .train import default_device
+from .train import resolve_device
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
     """Apply --threads and return the --device (default: this process's GPU, else the CPU)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return torch.device(args.device or default_device())
+    return resolve_device(args.device)
 
 
 def sync(device: torch.device) -> None:

@@ -51,9 +51,10 @@ def claim_folder(out: Path, overwrite: bool = False, also=("bad_videos.txt",)) -
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warmup to base_lr * batch / 256, then cosine down to min_lr (never above the peak)."""
-    peak = t.base_lr * t.batch_size / 256
-    floor = min(t.min_lr, peak)
+    """Linear warmup to base_lr * batch / 256, then cosine down to min_lr * batch / 256 (VideoMAE's
+    linear_scaled_min_lr; never above the peak)."""
+    peak, floor = t.base_lr * t.batch_size / 256, t.min_lr * t.batch_size / 256
+    floor = min(floor, peak)
     if step < t.warmup_steps:
         return peak * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
@@ -72,6 +73,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def default_device() -> str:
     """This process's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device that --device (or a `device` parameter) names, checked: None gives default_device(),
+    "cuda" this process's GPU (LOCAL_RANK under torchrun), as torch.cuda.set_device needs an index; a
+    name torch does not know, or a GPU that is not there, is a ConfigError."""
+    if device is None:
+        return torch.device(default_device())
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device={device!r}: expected cpu, cuda or cuda:N ({err})") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r}: no CUDA GPU is available here (use cpu)")
+        d = d if d.index is not None else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if d.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return d
 
 
 def step_mask(mcfg: ModelConfig, tcfg: TrainConfig, step: int, device) -> Mask:
@@ -134,6 +155,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, self.tcfg.weight_decay), lr=0.0,
                                            betas=(self.tcfg.beta1, self.tcfg.beta2), **fused)
         self.step, self.saved_step = 0, None  # saved_step: the step of the checkpoint on disk
+        self.window = (None, 0)  # loss sums and steps of a log window that the checkpoint resumed from cut
         self._prepare_folder(resume, overwrite)
         self.stages, self.decoders = self._wrap(self.model.stages), self._wrap(self.model.decoders)
         self.make_target = compiled(self.model.target) if self.tcfg.compile else self.model.target
@@ -144,7 +166,7 @@ class Trainer:
     def _init_distributed(self, device: str | None) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.owns_group = self.world > 1 and not dist.is_initialized()
-        self.device = torch.device(device or default_device())
+        self.device = resolve_device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.owns_group:
@@ -177,6 +199,8 @@ class Trainer:
             load_weights(self.model, state["model"], ckpt)
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = self.saved_step = state["step"]
+            if state.get("window"):  # the log window the checkpoint cut: its first row as if never cut
+                self.window = (state["window"]["loss_sum"].to(self.device), state["window"]["steps"])
             torch.set_rng_state(state["rng"]["cpu"].cpu())
             if "cuda" in state["rng"] and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
@@ -236,7 +260,8 @@ class Trainer:
         beginning on resume."""
         t = self.tcfg
         batches = iter(data(self.step, self.rank, self.world) if callable(data) else data)
-        sums, window_steps, tic = None, 0, time.perf_counter()
+        sums, window_steps = self.window  # the losses of a window that a resumed checkpoint cut, all ranks'
+        untimed, tic = window_steps, time.perf_counter()  # those steps ran before this process: not timed
         self.first_bad = None  # (K,) each block's first step with a non-finite loss (_NONE: none), on the device
         last = {}
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc="pretrain", dynamic_ncols=True)
@@ -259,12 +284,12 @@ class Trainer:
             if log or ckpt:  # a checkpoint never follows a non-finite loss or weight
                 mean = self._finite_mean(sums / window_steps)
             if log:
-                last = self._log(mean, window_steps, time.perf_counter() - tic)
+                last = self._log(mean, window_steps - untimed, time.perf_counter() - tic)
                 bar.set_postfix(loss=" ".join(f"{v:.3f}" for v in last["loss"]))
-                sums, window_steps, tic = None, 0, time.perf_counter()
+                sums, window_steps, untimed, tic = None, 0, 0, time.perf_counter()
             if ckpt:
                 self._check_weights()
-                self.save()
+                self.save(self._window_state(sums, window_steps))
         bar.close()
         return last
 
@@ -324,7 +349,18 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
         return row
 
-    def save(self) -> None:
+    def _window_state(self, sums: torch.Tensor | None, steps: int) -> dict | None:
+        """The loss sums of a log window still open at a checkpoint, over all processes (their mean, so
+        that each process resumes from the same sums), so that a resumed run logs the uninterrupted rows."""
+        if sums is None:
+            return None
+        total = sums.clone()
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
+        return {"loss_sum": total.cpu(), "steps": steps}
+
+    def save(self, window: dict | None = None) -> None:
         if not self.is_main:
             self.saved_step = self.step
             return
@@ -334,7 +370,7 @@ class Trainer:
         save_checkpoint(self.out / "checkpoint.pt", {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
             "schedule": {"kind": "warmup_cosine", "next_lr": lr_at(self.step, self.tcfg)},  # a function of step
-            "config": self.config, "rng": rng})
+            "config": self.config, "rng": rng, "window": window})
         self.saved_step = self.step
 
     def close(self) -> None:

@@ -36,7 +36,7 @@ from bwssl_core.io import save_json
 from bwssl_core.patches import reconstructions
 from bwssl_core.study import metrics, results_path, run_dir, run_name, train_run
 from bwssl_core.synth import SynthConfig, ensure_dataset
-from bwssl_core.train import default_device, load_run
+from bwssl_core.train import load_run, resolve_device
 
 # %% tags=["parameters"]
 study = "runs/study-demo"  # the study folder: runs/<name>/ and results/ inside
@@ -50,6 +50,7 @@ blocks = [1, 2]  # partition granularities: 1 is E2E, K > 1 is BWSSL with K equa
 steps = 1600  # optimiser steps per run
 batch_size = 16  # clips per step (at CPU scale more, smaller steps learn more per second: NOTES.md)
 lr = 1e-3  # peak learning rate (after warmup)
+min_lr = 1e-5  # learning rate at the end of the cosine schedule
 warmup_steps = 160
 plain_target = True  # plain-pixel target (learns faster at CPU scale) instead of VideoMAE's normalised one
 mask_ratio = 0.9
@@ -63,7 +64,7 @@ recon_clips = 1  # validation clips whose per-block reconstructions are drawn
 # %%
 P = notebook.parameters(globals(), "01_pretrain")
 pio.renderers.default = viz.static_renderer()
-dev = default_device() if device == "auto" else device
+dev = str(resolve_device(None if device == "auto" else device))
 print(P, "device", dev)
 
 # %% [markdown]
@@ -88,7 +89,8 @@ for k in blocks:
     name = run_name(k)
     mcfg = model_config(preset, blocks=k, mask_ratio=mask_ratio, norm_target=not plain_target, dec_keep=dec_keep,
                         **({"dec_depth": dec_depth} if dec_depth else {}))
-    tcfg = TrainConfig(steps=steps, batch_size=batch_size, base_lr=lr * 256 / batch_size, warmup_steps=warmup_steps,
+    tcfg = TrainConfig(steps=steps, batch_size=batch_size, base_lr=lr * 256 / batch_size,
+                       min_lr=min_lr * 256 / batch_size, warmup_steps=warmup_steps,
                        log_every=max(1, steps // 40), ckpt_every=max(1, steps // 4), seed=seed, compile=torch_compile)
     last = train_run(run_dir(study, name), mcfg, tcfg, clips, dev, extra={"data": data, "preset": preset})
     rows = metrics(run_dir(study, name))

@@ -37,7 +37,7 @@ from bwssl_core.figures import (attentive_curve_figure, attentive_rows, best_gai
                                  cka_figure, final_table, html_table, probe_figure)
 from bwssl_core.io import save_json
 from bwssl_core.study import results_path, run_dir
-from bwssl_core.train import default_device, load_run
+from bwssl_core.train import load_run, resolve_device
 from IPython.display import HTML, display
 
 # %% tags=["parameters"]
@@ -55,7 +55,7 @@ device = "auto"  # "auto": the local GPU if any, else the CPU
 # %%
 P = notebook.parameters(globals(), "02_probe")
 pio.renderers.default = viz.static_renderer()
-dev = default_device() if device == "auto" else device
+dev = str(resolve_device(None if device == "auto" else device))
 models = {name: load_run(run_dir(study, name), dev) for name in runs}
 cfg = models[runs[0]][0].cfg
 train = load_split(data, "train", cfg)

@@ -29,7 +29,7 @@ from bwssl_core import notebook, viz
 from bwssl_core.evaluate import load_split
 from bwssl_core.io import save_json
 from bwssl_core.study import results_path, run_dir
-from bwssl_core.train import default_device, load_run
+from bwssl_core.train import load_run, resolve_device
 
 # %% tags=["parameters"]
 study = "runs/study-demo"  # the study folder (bwssl study): runs/<name>/ inside
@@ -44,7 +44,7 @@ mask_seed = 0  # seed of the tube mask for the reconstructions
 # %%
 P = notebook.parameters(globals(), "03_patches")
 pio.renderers.default = viz.static_renderer()
-dev = default_device() if device == "auto" else device
+dev = str(resolve_device(None if device == "auto" else device))
 torch.manual_seed(0)
 
 # %% [markdown]

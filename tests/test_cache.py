@@ -137,6 +137,39 @@ def test_gpu_augment_full_box_is_identity_or_mirror():
     assert 4 < sum(mirrored) < 28
 
 
+def _nine_videos(vids, tmp_path):
+    """A cache of nine videos (three copies of each test video) at 32 x 32."""
+    import shutil
+
+    names = []
+    for k, name in enumerate(["a.mp4", "b.mp4", "wide.mp4"] * 3):
+        names.append(f"{k}{name}")
+        shutil.copy(vids / name, tmp_path / names[-1])
+    write_list(tmp_path / "many.txt", [f"{n} {k % 3}" for k, n in enumerate(names)])
+    return build_cache(tmp_path / "many.txt", tmp_path / "cache", decode_size=32)
+
+
+def test_augmented_batches_are_the_single_process_ones_in_every_rank(vids, tmp_path):
+    """Crops and flips on the device are drawn from (seed, step) for the whole global batch: the two ranks
+    of a data-parallel run together get the single-process batch, clip for clip, whatever the global RNG
+    (which a model's initialisation moves), from a resumed step too; both batch sources alike."""
+    from functools import partial
+
+    from bwssl_core.batches import DatasetBatches
+    from bwssl_core.prefetch import CacheBatches
+
+    ds = CachedClips(_nine_videos(vids, tmp_path), num_frames=4, sampling_rate=3, repeats=2, seed=7)
+    augment = partial(gpu_augment, size=16)
+    for source in (DatasetBatches(ds, 4, seed=3, augment=augment), CacheBatches(ds, 4, seed=3, threads=2,
+                                                                                 augment=augment)):
+        torch.manual_seed(0)
+        one = [b for b, _ in zip(source(0, 0, 1), range(3))]
+        torch.manual_seed(1)
+        two = [torch.cat(ranks) for ranks in zip(*([b for b, _ in zip(source(0, r, 2), range(3))] for r in (0, 1)))]
+        assert one[0].shape == (8, 3, 4, 16, 16) and all(torch.equal(a, b) for a, b in zip(one, two))
+        assert torch.equal(next(iter(source(2, 1, 2))), one[2][4:])  # rank 1 of step 2, resumed there
+
+
 @pytest.mark.parametrize("repeats, world", [(1, 1), (2, 1), (1, 2)])
 def test_prefetched_batches_equal_the_dataloader_batches(vids, tmp_path, repeats, world):
     """CacheBatches (threads copying into a reused buffer) gives the clips of DatasetBatches over the
@@ -145,14 +178,7 @@ def test_prefetched_batches_equal_the_dataloader_batches(vids, tmp_path, repeats
     from bwssl_core.batches import DatasetBatches
     from bwssl_core.prefetch import CacheBatches
 
-    import shutil
-
-    names = []
-    for k, name in enumerate(["a.mp4", "b.mp4", "wide.mp4"] * 3):
-        names.append(f"{k}{name}")
-        shutil.copy(vids / name, tmp_path / names[-1])
-    write_list(tmp_path / "many.txt", [f"{n} {k % 3}" for k, n in enumerate(names)])
-    cache = build_cache(tmp_path / "many.txt", tmp_path / "cache", decode_size=32)
+    cache = _nine_videos(vids, tmp_path)
     ds = CachedClips(cache, num_frames=4, sampling_rate=3, repeats=repeats, seed=7)
     ref = DatasetBatches(ds, 4, seed=3, workers=0)
     fast = CacheBatches(ds, 4, seed=3, threads=3, depth=2)

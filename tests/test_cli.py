@@ -44,6 +44,7 @@ def test_pretrain_from_a_clip_file(tmp_path):
     (["--blocks", "3"], "blocks=3: expected a divisor of depth=4"),
     (["--img-size", "30"], "img_size=30: expected a multiple of patch_size=8"),
     (["--batch-size", "0"], "batch_size=0: expected a positive integer"),
+    (["--device", "gpu0"], "device='gpu0': expected cpu, cuda or cuda:N"),
 ])
 def test_bad_input_stops_before_training(tmp_path, capsys, extra, message):
     assert main(["pretrain", "--out", str(tmp_path / "run"), *TINY, *extra]) == 2

@@ -64,3 +64,17 @@ def test_official_weights_into_blockwise_partition():
     video = torch.randn(2, 3, 4, 32, 32)
     for a, b in zip(e2e.forward_intermediates(video), bw.forward_intermediates(video)):
         assert torch.equal(a, b)
+
+
+def test_presets_are_videomaes_sizes():
+    """Loading official weights takes the head counts from the preset (the tensors' shapes do not carry
+    them), so a preset must match VideoMAE's pretrain_videomae_*_patch16_224 exactly: encoder width, depth
+    and heads, decoder width and heads (ViT-H's decoder has 8 heads of 80, not 10 of 64)."""
+    from bwssl_core.config import model_config
+
+    official = {"vit_s": (384, 12, 6, 192, 3), "vit_b": (768, 12, 12, 384, 6), "vit_l": (1024, 24, 16, 512, 8),
+                "vit_h": (1280, 32, 16, 640, 8)}
+    for name, sizes in official.items():
+        c = model_config(name)
+        assert (c.embed_dim, c.depth, c.num_heads, c.dec_dim, c.dec_heads) == sizes, name
+        assert (c.dec_depth, c.patch_size, c.tubelet_size, c.img_size, c.num_frames) == (4, 16, 2, 224, 16), name

@@ -1,4 +1,6 @@
 """The embedded default data set: deterministic, balanced, decodable, and it needs time."""
+import json
+
 import decord
 import pytest
 import torch
@@ -98,6 +100,31 @@ def test_tensor_format_holds_the_rendered_clips_and_every_label(tmp_path, tiny):
     assert main(["pretrain", "--out", str(run), "--data", str(tmp_path), "--preset", "tiny", "--steps", "2",
                  "--batch-size", "4", "--log-every", "1"]) == 0
     assert (run / "checkpoint.pt").exists()
+
+
+def test_overwriting_with_the_other_format_leaves_only_the_new_set(tmp_path, tiny, monkeypatch):
+    """--overwrite with the other format removes the old set (whose train.csv would be read in preference
+    to train.pt); a write cut short leaves a folder that holds no data set, so it is written again."""
+    from bwssl_core import synth
+    from bwssl_core.evaluate import load_split
+
+    cfg = SynthConfig(size=32, frames=4)
+    synth.write_dataset(tmp_path, 8, 4, cfg, seed=0, workers=1)
+    assert (tmp_path / "train.csv").exists() and (tmp_path / "videos").is_dir()
+    synth.write_dataset(tmp_path, 8, 4, cfg, seed=1, overwrite=True, fmt="tensor")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth.json", "train.pt", "val.pt"]
+    clips, labels = load_split(tmp_path, "val", tiny())
+    assert torch.equal(labels["motion"], split_factors(4, cfg, 1, "val")["motion"])  # seed 1's set, not seed 0's
+
+    def cut(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(synth, "save_tensors", cut)
+    with pytest.raises(KeyboardInterrupt):
+        synth.write_dataset(tmp_path, 8, 4, cfg, seed=2, overwrite=True, fmt="tensor")
+    assert not synth.holds_dataset(tmp_path)
+    monkeypatch.undo()
+    assert ensure_dataset(tmp_path, 8, 4, cfg, seed=2, fmt="tensor") == tmp_path
+    assert json.loads((tmp_path / "synth.json").read_text())["seed"] == 2 and synth.holds_dataset(tmp_path)
 
 
 def test_a_size_decord_cannot_read_back_is_refused(tmp_path, capsys):

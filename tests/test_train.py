@@ -46,14 +46,17 @@ def test_tiny_model_overfits_a_few_clips(tiny, tmp_path, blocks):
 
 def test_schedule_and_decay_groups(tiny):
     t = TrainConfig(steps=100, batch_size=512, base_lr=1e-3, min_lr=1e-5, warmup_steps=10)
-    peak = 1e-3 * 512 / 256
+    peak, floor = 1e-3 * 512 / 256, 1e-5 * 512 / 256  # both scaled by batch / 256, as VideoMAE scales them
     assert lr_at(0, t) == pytest.approx(peak / 10)
     assert lr_at(9, t) == pytest.approx(peak)
-    assert lr_at(55, t) == pytest.approx(1e-5 + (peak - 1e-5) / 2)
-    assert lr_at(100, t) == pytest.approx(1e-5)
-    assert all(lr_at(s, t) >= lr_at(s + 1, t) for s in range(10, 100))
-    small = TrainConfig(batch_size=8, base_lr=1.5e-4, min_lr=1e-5, warmup_steps=0, steps=10)
-    assert lr_at(10, small) <= lr_at(0, small)  # the floor never exceeds a small batch's peak
+    assert lr_at(55, t) == pytest.approx(floor + (peak - floor) / 2)
+    assert lr_at(100, t) == pytest.approx(floor)
+    assert all(lr_at(s, t) > lr_at(s + 1, t) for s in range(10, 100))
+    small = TrainConfig(batch_size=8, base_lr=1.5e-4, min_lr=1e-5, warmup_steps=0, steps=10)  # peak 4.7e-6
+    assert lr_at(10, small) == pytest.approx(1e-5 * 8 / 256)  # decays at a small batch too (was flat at the peak)
+    assert all(lr_at(s, small) > lr_at(s + 1, small) for s in range(10))
+    assert lr_at(10, TrainConfig(batch_size=8, base_lr=1e-6, min_lr=1e-5, warmup_steps=0, steps=10)) == \
+        pytest.approx(1e-6 * 8 / 256)  # a floor above the peak: the peak
     model = VideoMAE(tiny(partition=(2, 2)))
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -225,3 +228,49 @@ def test_normalize_video_is_the_reference_formula_and_leaves_its_input_alone():
     f = x.float()
     normalize_video(f)
     assert torch.equal(f, x.float())
+
+
+def test_a_resumed_run_logs_the_rows_of_an_uninterrupted_one(tiny, tmp_path):
+    """A checkpoint between two log steps (ckpt_every 3, log_every 4) keeps the open window's losses: after
+    a crash at step 5 and a resume from step 3, the step-4 row is the uninterrupted run's, not the mean of
+    step 4 alone."""
+    cfg = tiny(partition=(2, 2))
+    t = _train_cfg(steps=8, log_every=4, ckpt_every=3)
+    pretrain(cfg, t, MovingShapes(cfg, 4, seed=0), tmp_path / "whole", device="cpu")
+
+    def crashing(start, rank, world):
+        for i, batch in enumerate(MovingShapes(cfg, 4, seed=0)(start, rank, world)):
+            if start + i == 5:
+                raise RuntimeError("power cut")
+            yield batch
+    with pytest.raises(RuntimeError, match="power cut"):
+        pretrain(cfg, t, crashing, tmp_path / "cut", device="cpu")
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 3
+    pretrain(cfg, t, MovingShapes(cfg, 4, seed=0), tmp_path / "cut", device="cpu", resume=True)
+    rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("whole", "cut")}
+    assert [r["step"] for r in rows["cut"]] == [4, 8]
+    assert [r["loss"] for r in rows["cut"]] == [r["loss"] for r in rows["whole"]]
+    _assert_same(_weights(tmp_path / "cut"), _weights(tmp_path / "whole"))
+
+
+def test_device_names_are_checked(monkeypatch):
+    """--device: an unknown name or a GPU that is not there is a ConfigError naming it; a bare "cuda" gets
+    this process's index (torch.cuda.set_device refuses a device without one)."""
+    from bwssl_core.config import ConfigError
+    from bwssl_core.train import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device='gpu0': expected cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device='cuda': no CUDA GPU is available here"):
+        resolve_device("cuda")
+    assert resolve_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1) == resolve_device(None)
+    with pytest.raises(ConfigError, match="device='cuda:2': this machine has 2 GPU"):
+        resolve_device("cuda:2")
