@@ -17,18 +17,25 @@ _TRAIN_FLAGS = list(dataclasses.fields(TrainConfig))
 _DATA_FLAGS = list(dataclasses.fields(DataConfig))
 
 
-def _add_fields(parser: argparse.ArgumentParser, fields, title: str) -> None:
-    """One flag per config field, defaulting to None so that only given flags override."""
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except None (a flag that only overrides when given says what it overrides)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _add_fields(parser: argparse.ArgumentParser, fields, title: str, preset: bool = False) -> None:
+    """One flag per config field, defaulting to None so that only given flags override; the help gives
+    the field's default, or for a model field the preset's value (`bwssl presets`)."""
     group = parser.add_argument_group(title)
     for f in fields:
         flag = "--" + f.name.replace("_", "-")
+        help = "(the preset's value)" if preset else f"(default {f.default})"
         if f.type in ("bool", bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default {f.default})")
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), type(f.default))
-            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(),
-                               help=f"(default {f.default})")
+            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(), help=help)
 
 
 def _picked(args, fields) -> dict:
@@ -40,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain a VideoMAE end-to-end (one block) or blockwise",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("--out", required=True, help="run folder (config.json, metrics.jsonl, checkpoint.pt)")
     p.add_argument("--data", default="synthetic",
                    help="a data folder with train.csv (e.g. from `bwssl synth`), a list file, a clip cache "
@@ -55,12 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU if any)")
-    _add_fields(p, _MODEL_FLAGS, "model (override the preset)")
+    _add_fields(p, _MODEL_FLAGS, "model (override the preset; `bwssl presets` lists each preset's values)", preset=True)
     _add_fields(p, _TRAIN_FLAGS, "training")
     _add_fields(p, _DATA_FLAGS, "data")
 
     s = sub.add_parser("synth", help="write the labelled synthetic video data set (mp4 + list files)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     s.add_argument("--out", required=True, help="data folder: train.csv, val.csv, metadata.csv, videos/")
     s.add_argument("--n-train", type=int, default=2000)
     s.add_argument("--n-val", type=int, default=500)
@@ -75,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mp4 clips and list files, or uint8 clip tensors with labels (train.pt, val.pt: no codec needed)")
 
     c = sub.add_parser("cache", help="decode a data set once into a memory-mapped clip cache",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     c.add_argument("--list", required=True, help="list file (path label per line), e.g. data/synth/train.csv")
     c.add_argument("--out", required=True, help="cache folder (frames.u8, index.json)")
     c.add_argument("--root", help="folder the list's paths are relative to (default: the list file's)")
@@ -85,18 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
 
     q = sub.add_parser("probe", help="per-layer linear probes and retrieval of a run, with controls",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     q.add_argument("--run", required=True, help="run folder with checkpoint.pt")
     q.add_argument("--data", required=True, help="data folder with train.csv and val.csv (metadata.csv: all families)")
     q.add_argument("--families", help="comma-separated label families (default: all the data has)")
     q.add_argument("--sampling-rate", type=int, help="default: 1 for a `bwssl synth` folder, else 4")
-    q.add_argument("--attentive-layers", help="comma-separated layers (e.g. -1) for the token-level attentive probe")
+    q.add_argument("--attentive-layers", help="comma-separated layers for the token-level attentive probe: "
+                   "-1 (the last), or with = before a list that starts with a minus: --attentive-layers=-1,-2")
     q.add_argument("--cache", help="feature cache folder (default: RUN/features); 'none' to keep nothing")
     q.add_argument("--device", help="default: the local GPU if any")
     q.add_argument("--overwrite", action="store_true", help="replace the run's probe.json")
 
     a = sub.add_parser("analyze", help="CKA, representational change and attention metrics of a run",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     a.add_argument("--run", required=True, help="run folder with checkpoint.pt")
     a.add_argument("--vs", help="a second run: adds the CKA matrix between the two runs' layers")
     a.add_argument("--data", required=True, help="data folder; its validation clips are analysed")
@@ -107,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace the run's analyze.json")
 
     st = sub.add_parser("study", help="run the study notebooks with Papermill, then write report.html",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_Help)
     st.add_argument("--out", help="study folder (default: runs/study-<timestamp>)")
     st.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="a notebook parameter (a Python literal, else a string), e.g. -p steps 400")
@@ -115,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="parameter set: cpu (2-core CPU, the notebooks' defaults), gpu (ViT-S width, 112 px, 5,000 + "
                          "1,000 clips), smoke (tiny, for tests); auto: gpu when CUDA is present, else cpu")
     st.add_argument("--smoke", action="store_true", help="the same as --scale smoke")
-    st.add_argument("--resume", action="store_true", help="continue a study in --out; finished notebooks are kept")
+    st.add_argument("--resume", action="store_true", help="continue the study in --out with the parameters it was "
+                    "started with (and any -p); finished notebooks are kept, and so are their parameters")
     st.add_argument("--notebooks", help="comma-separated subset, e.g. 01_pretrain,02_probe (default: all, in order)")
 
     sub.add_parser("presets", help="list the model presets")
@@ -130,6 +139,10 @@ def cmd_synth(args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
     if args.size % 2:
         raise ConfigError(f"--size={args.size}: expected an even size")
+    if not 0 <= args.distractor <= 1:
+        raise ConfigError(f"--distractor={args.distractor}: expected a probability in [0, 1]")
+    if args.noise < 0:
+        raise ConfigError(f"--noise={args.noise}: expected a standard deviation >= 0")
     cfg = SynthConfig(size=args.size, frames=args.frames, distractor=args.distractor, noise=args.noise)
     from .train import default_device
 
@@ -238,7 +251,11 @@ def cmd_probe(args) -> None:
     val = load_split(args.data, "val", model.cfg, args.sampling_rate)
     families = args.families.split(",") if args.families else None
     cache = None if args.cache == "none" else args.cache or Path(args.run) / "features"
-    layers = [int(i) for i in args.attentive_layers.split(",")] if args.attentive_layers else []
+    try:
+        layers = [int(i) for i in args.attentive_layers.split(",")] if args.attentive_layers else []
+    except ValueError:
+        raise ConfigError(f"--attentive-layers={args.attentive_layers}: expected comma-separated layer "
+                          "indices like -1 or 0,2") from None
     meta = {"config": config, "checkpoint": str(Path(args.run) / "checkpoint.pt"), "data": str(args.data)}
     results = depthwise(model, train, val, families, seed=config["train"]["seed"], device=device, cache=cache,
                         meta=meta, attentive_layers=layers)
@@ -271,13 +288,16 @@ def cmd_study(args) -> None:
 
     from .study import NOTEBOOK_ORDER, run_study, scale_params
 
-    params = scale_params("smoke" if args.smoke else args.scale, torch.cuda.is_available())
+    out = Path(args.out or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.resume and (out / "study.json").exists() and not args.smoke and args.scale == "auto":
+        params = json.loads((out / "study.json").read_text())["params"]  # what it was started with
+    else:
+        params = scale_params("smoke" if args.smoke else args.scale, torch.cuda.is_available())
     for name, value in args.param:
         try:
             params[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             params[name] = value  # a bare word: a string
-    out = Path(args.out or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}")
     notebooks = args.notebooks.split(",") if args.notebooks else NOTEBOOK_ORDER
     run_study(out, params, notebooks, resume=args.resume)
     print(json.dumps({"out": str(out), "report": str(out / "report.html")}))

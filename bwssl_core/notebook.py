@@ -8,6 +8,7 @@ holding flat literals. Papermill injects overrides after it; the notebook's next
 from __future__ import annotations
 
 import ast
+import os
 import types
 from pathlib import Path
 
@@ -70,7 +71,11 @@ def check(params: dict, name: str) -> dict:
 
 
 def parameters(scope: dict, name: str) -> dict:
-    """The notebook's parameters as the kernel holds them (after Papermill's injected cell), checked."""
+    """The notebook's parameters as the kernel holds them (after Papermill's injected cell), checked. In a
+    kernel started in notebooks/ (as JupyterLab starts one), the working folder becomes the repository
+    root, so that relative paths (data/synth, runs/...) mean what they mean to `bwssl study`."""
+    if Path.cwd().resolve() == NOTEBOOKS:
+        os.chdir(NOTEBOOKS.parent)
     given = {k: v for k, v in scope.items()
              if not k.startswith("_") and k not in _KERNEL_NAMES
              and not isinstance(v, (types.ModuleType, types.FunctionType, type))}

@@ -140,24 +140,41 @@ def run_notebook(name: str, out: str | Path, params: dict, failure: str | Path |
     return out
 
 
-def run_study(out: str | Path, params: dict, notebooks=NOTEBOOK_ORDER, resume: bool = False) -> Path:
+def run_study(out: str | Path, params: dict | None, notebooks=NOTEBOOK_ORDER, resume: bool = False) -> Path:
     """The study: each notebook in order into `out`, every one given the parameters it takes from
-    `params` (plus study=out), then report.html. A new study refuses an existing folder; with
-    `resume`, notebooks whose results are already written are not run again, and the training and
-    probing inside the others pick up what is done (train_run, the feature cache)."""
-    from .notebook import defaults
+    `params` (plus study=out), then report.html. Every notebook's parameters are checked before
+    anything is written. A new study needs a new or empty folder. `resume` continues the study in
+    `out` (params None: with the parameters it was started with): notebooks whose results are already
+    written are not run again, and their parameters cannot change (refused, naming them, so that the
+    report never states parameters a result was not made with); the training and probing inside the
+    others pick up what is done (train_run, the feature cache)."""
+    from .notebook import check
     from .report import write_report
 
     out = Path(out)
-    if (out / "study.json").exists() and not resume:
+    saved = out / "study.json"
+    if resume:
+        if not saved.exists():
+            raise RunError(f"{out}: no study.json, so no study to resume there")
+        started = json.loads(saved.read_text())["params"]
+        params = started if params is None else params
+        diff = []
+        for name in (n for n in notebooks if results_path(out, n).exists()):  # finished: its values are fixed
+            was, now = (check(notebook_params(p, name), name) for p in (started, params))
+            diff += [f"{k}: {was[k]!r} in {name}, {now[k]!r} given" for k in was if was[k] != now[k]]
+        if diff:
+            raise RunError(f"{saved}: finished notebooks were run with other parameters ({'; '.join(diff)}): "
+                           "resume without those, or start a new study in another --out")
+    elif saved.exists():
         raise RunError(f"{out} already holds a study: pass --resume to continue it or choose another --out")
-    all_names = {k for name in notebooks for k in defaults(name)}
-    unknown = sorted(set(params) - all_names)
-    if unknown:
-        raise ConfigError(f"unknown study parameter(s) {', '.join(unknown)} (the notebooks take {', '.join(sorted(all_names))})")
+    elif out.exists() and any(out.iterdir()):
+        raise RunError(f"{out} is not empty and holds no study: choose a new or empty --out")
+    check_study(params, notebooks)
     out.mkdir(parents=True, exist_ok=True)
-    save_json(out / "study.json", {"params": params, "notebooks": list(notebooks)})
+    save_json(saved, {"params": params, "notebooks": list(notebooks)})
     (out / "FAILED.json").unlink(missing_ok=True)
+    for stale in out.glob(".*.input.ipynb"):  # a notebook's input, left by a kill during its run
+        stale.unlink()
     for name in notebooks:
         if resume and results_path(out, name).exists():
             continue
@@ -165,6 +182,27 @@ def run_study(out: str | Path, params: dict, notebooks=NOTEBOOK_ORDER, resume: b
                      failure=out / "FAILED.json")
     write_report(out)
     return out
+
+
+def check_study(params: dict, notebooks=NOTEBOOK_ORDER) -> None:
+    """Every parameter known to some notebook and of its type (notebook.check), the presets and block
+    counts (blocks, sweep points) valid: checked before the first notebook, not 15 minutes into a study."""
+    from .config import model_config
+    from .notebook import check, defaults
+
+    all_names = {k for name in notebooks for k in defaults(name)}
+    unknown = sorted(set(params) - all_names)
+    if unknown:
+        raise ConfigError(f"unknown study parameter(s) {', '.join(unknown)} (the notebooks take "
+                          f"{', '.join(sorted(all_names))})")
+    full = {name: check(notebook_params(params, name), name) for name in notebooks}
+    if "01_pretrain" in full:
+        for k in full["01_pretrain"]["blocks"]:
+            model_config(full["01_pretrain"]["preset"], blocks=k)
+    if "04_sweep" in full:
+        for preset, ks in sweep_points(full["04_sweep"]["points"]).items():
+            for k in ks:
+                model_config(preset, blocks=k)
 
 
 def notebook_params(params: dict, name: str) -> dict:

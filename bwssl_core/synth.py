@@ -1,10 +1,10 @@
 """The embedded default data set: labelled synthetic videos of one object moving over a smooth background.
 
-Designed for what a masked autoencoder can learn in minutes on a CPU (REFERENCE section 7): smooth,
-static backgrounds that context predicts; one object large enough (about 6-15% of the frame) to
-carry a real share of the loss; motions that tube masking forces the model to infer, since the
-object's path runs through hidden positions. A marker dot in the complementary colour makes rotation
-visible even for a circle.
+Designed for what a masked autoencoder can learn in minutes on a CPU (benchmarks/NOTES.md,
+"Learnability"): smooth, static backgrounds that context predicts; one object large enough (about
+6-15% of the frame) to carry a real share of the loss; motions that tube masking forces the model to
+infer, since the object's path runs through hidden positions. A marker dot in the complementary
+colour makes rotation visible even for a circle.
 
 Label families (every clip has all of them; metadata.csv lists them):
   motion (8, the primary label): right, left, down, up, clockwise, anticlockwise, expand, contract;

@@ -70,7 +70,7 @@ print(P, "device", dev)
 # %% [markdown]
 # ## Data
 # The default is the embedded synthetic set (`bwssl synth`): labelled motion, shape, colour, speed
-# and position, with nuisances varied independently (REFERENCE section 7).
+# and position, with nuisances varied independently (benchmarks/NOTES.md, "Learnability of the default data set").
 
 # %%
 ensure_dataset(data, n_train, n_val, SynthConfig(size=synth_size), fmt=data_format, device=dev)  # made if missing

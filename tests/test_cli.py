@@ -159,6 +159,15 @@ def test_probe_names_a_missing_family(tmp_path, synth_data, capsys):
     assert main(["pretrain", "--out", str(run), "--data", str(synth_data), *TINY, "--workers", "0"]) == 0
     assert main(["probe", "--run", str(run), "--data", str(synth_data), "--families", "texture"]) == 2
     assert "label families ['texture'] are not in the data" in capsys.readouterr().err
+    assert main(["probe", "--run", str(run), "--data", str(synth_data), "--attentive-layers", "last"]) == 2
+    assert "--attentive-layers=last: expected comma-separated layer indices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [(["--distractor", "2"], "--distractor=2.0: expected a probability"),
+                                            (["--noise", "-1"], "--noise=-1.0: expected a standard deviation")])
+def test_synth_refuses_bad_factors(tmp_path, capsys, extra, message):
+    assert main(["synth", "--out", str(tmp_path / "d"), "--n-train", "4", "--n-val", "2", *extra]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 def test_analyze_a_run_against_another(tmp_path, synth_data, capsys):

@@ -1,5 +1,6 @@
 """The study pipeline: notebooks executed by Papermill, failures named, reruns that continue."""
 import json
+from pathlib import Path
 
 import jupytext
 import pytest
@@ -90,9 +91,15 @@ def test_notebook_02_probes_every_run_notebook_01_trains():
 
 
 def test_bad_study_parameters_stop_before_anything_runs(tmp_path):
-    with pytest.raises(ConfigError, match="unknown study parameter.*stepz"):
-        run_study(tmp_path / "s", {"stepz": 3})
-    assert not (tmp_path / "s").exists()
+    for params, message in [({"stepz": 3}, "unknown study parameter.*stepz"),
+                            ({"blocks": 2}, "parameter blocks=2 is a int, expected list"),
+                            ({"blocks": [1, 3]}, "blocks=3: expected a divisor of depth=4"),
+                            ({"preset": "vit_x"}, "unknown preset 'vit_x'"),
+                            ({"points": ["cpu"]}, "sweep point 'cpu': expected 'preset:K'"),
+                            ({"points": ["tiny:3"]}, "blocks=3: expected a divisor of depth=4")]:
+        with pytest.raises(ConfigError, match=message):
+            run_study(tmp_path / "s", params)
+        assert not (tmp_path / "s").exists()  # nothing written: the corrected call can use the same --out
     with pytest.raises(ConfigError, match="parameter steps='many' is a str, expected int"):
         check({"steps": "many"}, "01_pretrain")
     with pytest.raises(ConfigError, match="parameter blocks=.* expected list"):
@@ -111,7 +118,7 @@ def test_any_notebook_parameter_is_taken_or_refused_by_name(name, value):
         except ConfigError as err:
             assert name in str(err)
         else:
-            assert merged[name] == value
+            assert merged[name] is value  # the given object itself (NaN included)
 
 
 def test_each_scale_is_a_valid_parameter_set():
@@ -127,3 +134,32 @@ def test_each_scale_is_a_valid_parameter_set():
         assert set(params) <= {k for n in NOTEBOOK_ORDER for k in defaults(n)}, scale
     with pytest.raises(ConfigError, match="scale='huge'"):
         scale_params("huge", cuda=False)
+
+
+def test_a_study_never_takes_over_a_folder_nor_changes_a_finished_notebook(tmp_path):
+    """A new study refuses a non-empty folder that holds none; --resume refuses a folder without a study,
+    and a parameter that a finished notebook was run with, naming it (the report would misstate it)."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "01_pretrain.ipynb").write_text("precious")
+    with pytest.raises(RunError, match="is not empty and holds no study"):
+        run_study(tmp_path / "mine", {})
+    with pytest.raises(RunError, match="no study.json, so no study to resume"):
+        run_study(tmp_path / "mine", None, resume=True)
+    assert (tmp_path / "mine" / "01_pretrain.ipynb").read_text() == "precious"
+    study = tmp_path / "study"
+    save_json(study / "study.json", {"params": {"steps": 20}, "notebooks": list(NOTEBOOK_ORDER)})
+    save_json(results_path(study, "01_pretrain"), {})  # notebook 01 finished
+    with pytest.raises(RunError, match=r"steps: 20 in 01_pretrain, 30 given"):
+        run_study(study, {"steps": 30}, resume=True)
+    assert main(["study", "--resume", "--out", str(study), "-p", "lr", "0.01"]) == 2
+    assert json.loads((study / "study.json").read_text())["params"] == {"steps": 20}  # untouched
+
+
+def test_a_notebook_opened_in_jupyterlab_works_from_the_repository_root(monkeypatch):
+    """JupyterLab starts a kernel in notebooks/: the parameters cell moves it to the repository root, where
+    `bwssl study` runs the notebooks, so the same relative paths name the same folders."""
+    from bwssl_core.notebook import parameters
+
+    monkeypatch.chdir(NOTEBOOKS)
+    assert parameters({"steps": 5}, "01_pretrain")["steps"] == 5
+    assert Path.cwd() == NOTEBOOKS.parent and (Path.cwd() / "notebooks" / "01_pretrain.py").is_file()
