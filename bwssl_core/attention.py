@@ -72,9 +72,11 @@ def attention_rollout(attns: list[torch.Tensor]) -> torch.Tensor:
     return out.float()
 
 
-def layer_summary(model: VideoMAE, video: torch.Tensor, mask: Mask | None = None) -> list[dict]:
-    """Per layer and head: mean attention distance (space px, time frames), entropy, self-attention."""
-    attns = attention_maps(model, video, mask)
+def layer_summary(model: VideoMAE, video: torch.Tensor, mask: Mask | None = None,
+                  attns: list[torch.Tensor] | None = None) -> list[dict]:
+    """Per layer and head: mean attention distance (space px, time frames), entropy, self-attention;
+    from `attns` when the caller has attention_maps(model, video, mask) already."""
+    attns = attention_maps(model, video, mask) if attns is None else attns
     pos = token_positions(model.cfg, None if mask is None else mask.ids_keep)
     rows = []
     for layer, attn in enumerate(attns):

@@ -49,7 +49,7 @@ def probe_figure(probe: dict[str, dict], pooling: str = "mean", metric: str = "a
         pix = first["pixels"][pooling][fam][metric][0]
         fig.add_scatter(x=[1, len(rnd)], y=[pix, pix], name=CONTROLS["pixels"], mode="lines",
                         line=dict(color="black", dash="dot"), legendgroup="p", showlegend=col == 1, row=1, col=col)
-        fig.update_xaxes(title_text="layer", row=1, col=col)
+        fig.update_xaxes(title_text="encoder layer", row=1, col=col)
     fig.update_yaxes(title_text="top-1" if metric == "acc" else metric, row=1, col=1)
     fig.update_layout(title=f"Depth-wise {'linear probe' if metric == 'acc' else metric}, {pooling} pooling",
                       height=360)
@@ -57,10 +57,13 @@ def probe_figure(probe: dict[str, dict], pooling: str = "mean", metric: str = "a
 
 
 def cka_figure(matrix: list[list[float]], title: str, rows: str = "layer", cols: str = "layer") -> go.Figure:
+    """A CKA matrix, its colours spanning the values it holds (CKA between layers of related models often
+    lies within a few hundredths of 1, where a 0-1 scale shows one colour), each value printed on its cell."""
     n, m = len(matrix), len(matrix[0])
-    fig = go.Figure(go.Heatmap(z=matrix, x=list(range(1, m + 1)), y=list(range(1, n + 1)), zmin=0, zmax=1,
-                               colorscale="Viridis", colorbar_title="CKA"))
-    fig.update_layout(title=title, xaxis_title=cols, yaxis_title=rows, height=360, width=420)
+    low = min(min(row) for row in matrix)
+    fig = go.Figure(go.Heatmap(z=matrix, x=list(range(1, m + 1)), y=list(range(1, n + 1)), zmin=min(low, 0.999),
+                               zmax=1, colorscale="Viridis", colorbar_title="CKA", texttemplate="%{z:.3f}"))
+    fig.update_layout(title=title, xaxis_title=cols, yaxis_title=rows, height=360, width=max(420, 60 * m + 120))
     return fig
 
 
@@ -75,7 +78,7 @@ def change_figure(analysis: dict[str, dict]) -> go.Figure:
             start = 1 if key == "effective_rank" else 2  # the change metrics compare layer l with l - 1
             fig.add_scatter(x=list(range(start, start + len(y))), y=y, name=name, mode="lines+markers",
                             line_color=COLOURS[i % len(COLOURS)], legendgroup=name, showlegend=col == 1, row=1, col=col)
-        fig.update_xaxes(title_text="layer", row=1, col=col)
+        fig.update_xaxes(title_text="encoder layer", row=1, col=col)
     fig.update_layout(title="Representational change across depth", height=360)
     return fig
 
@@ -162,13 +165,22 @@ def attentive_curve_figure(probe: dict[str, dict]) -> go.Figure:
     return fig
 
 
+def number(v: float, digits: int = 3) -> str:
+    """`digits` decimals for values from 0.01 to 100 (accuracies, gaps), whole numbers from 100, and
+    `digits` significant digits below 0.01, so that 0.00681 and 0.00700 stay apart."""
+    if v != v or v in (float("inf"), float("-inf")):
+        return str(v)
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    return f"{v:.{digits}f}" if abs(v) >= 0.01 or v == 0 else f"{v:.{digits}g}"
+
+
 def html_table(rows: list[dict], digits: int = 3) -> str:
-    """A plain HTML table of dict rows (floats rounded)."""
+    """A plain HTML table of dict rows (floats as number() writes them)."""
     if not rows:
         return "<p>(no rows)</p>"
     cols = list(rows[0])
-    fmt = lambda v: f"{v:+.{digits}f}" if isinstance(v, float) and v < 0 else (  # noqa: E731
-        f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v)))
+    fmt = lambda v: number(v, digits) if isinstance(v, float) else html.escape(str(v))  # noqa: E731
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table class='results'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -45,7 +45,9 @@ def write_report(study: str | Path) -> Path:
         parts.append("<h2>Pretraining</h2>" + figures.html_table(
             [{"run": n, **{k: v for k, v in r.items() if k not in ("loss", "recon_error")},
               "final loss per block": " ".join(f"{x:.4g}" for x in r["loss"]),
-              "reconstruction error per block": " ".join(f"{x:.4g}" for x in r["recon_error"][0]) if r.get("recon_error") else ""}
+              "reconstruction error per block (mean over clips)": " ".join(
+                  f"{sum(c[k] for c in r['recon_error']) / len(r['recon_error']):.4g}" for k in range(len(r["loss"])))
+              if r.get("recon_error") else ""}
              for n, r in pre["runs"].items()]))
         fig(figures.loss_figure({n: metrics(run_dir(study, n)) for n in pre["runs"]}))
     parts.append("<h2>Final table</h2><p>Linear probe and retrieval (R@1) at the last layer, mean pooling "
@@ -74,11 +76,13 @@ def write_report(study: str | Path) -> Path:
         runs = patches["runs"]
         summaries, partitions = {n: r["layers"] for n, r in runs.items()}, {n: r["partition"] for n, r in runs.items()}
         parts.append(f"<h2>Patch level</h2><p>One clip (notebook 03: clip {patches['parameters']['clip']} of "
-                     f"the {patches['parameters']['split']} split): attention by layer, and each block's reconstruction error "
+                     f"the {patches['parameters']['split']} split): attention by layer (dotted: what uniform attention "
+                     "over all tokens gives, the level that says nothing), and each block's reconstruction error "
                      "and how many input tubes its pooled output depends on (the exponential of the entropy of "
                      f"the patch-influence map, {patches['parameters']['influence_method']}).</p>")
-        fig(viz.distance_figure(summaries, partitions))
-        fig(viz.mixing_figure(summaries))
+        uniform = patches.get("uniform_attention")  # dotted: the level of attention spread over all tokens
+        fig(viz.distance_figure(summaries, partitions, uniform))
+        fig(viz.mixing_figure(summaries, uniform))
         parts.append(figures.html_table([{"run": n, "block": b["block"], "reconstruction error": b["recon_error"],
                                           "influence: effective tubes": b["influence_effective_tubes"]}
                                          for n, r in runs.items() for b in r["blocks"]]))

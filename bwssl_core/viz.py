@@ -15,7 +15,7 @@ import torch
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from .attention import attention_maps, layer_summary
+from .attention import attention_entropy, attention_maps, layer_summary, mean_attention_distance, token_positions
 from .batches import normalize_video
 from .config import ConfigError, ModelConfig
 from .masking import Mask
@@ -47,6 +47,17 @@ def mixing(attn: torch.Tensor, cfg: ModelConfig) -> dict[str, list[float]]:
     return {"self": own.tolist(), "same_slice": (in_slice - own).tolist(), "other_slices": (1 - in_slice).tolist()}
 
 
+def uniform_attention(cfg: ModelConfig) -> dict[str, float]:
+    """What attention spread evenly over all L tokens gives, by the same measures as the figures: the
+    chance level that a layer's distances and mixing shares are read against (with 512 tokens in 8
+    slices, 87.5% of uniform attention already goes to other time slices)."""
+    L = cfg.num_tokens
+    attn = torch.full((1, 1, L, L), 1 / L, dtype=torch.float64)
+    spatial, temporal = mean_attention_distance(attn, token_positions(cfg))
+    return {"spatial_px": float(spatial[0]), "temporal_frames": float(temporal[0]),
+            "entropy": float(attention_entropy(attn)[0]), **{k: v[0] for k, v in mixing(attn, cfg).items()}}
+
+
 def run_diagnostics(model: VideoMAE, clip: torch.Tensor, mask: Mask, influence_method: str = "gradient") -> dict:
     """Everything the patch notebook shows for one model and one uint8 clip (C, T, H, W).
 
@@ -59,7 +70,7 @@ def run_diagnostics(model: VideoMAE, clip: torch.Tensor, mask: Mask, influence_m
     device = model.pixel_mean.device
     video = normalize_video(clip[None].to(device))  # (1, C, T, H, W)
     attn = attention_maps(model, video)
-    layers = layer_summary(model, video)
+    layers = layer_summary(model, video, attns=attn)
     spans = model.cfg.spans
     for row, a in zip(layers, attn):
         row["block"] = next(k for k, (s, e) in enumerate(spans) if s <= row["layer"] < e)
@@ -101,25 +112,31 @@ def _square(fig: go.Figure, row_titles: list[str]) -> None:
 
 
 def _by_layer(fig, summaries, partitions, key, row=1, col=1, legend=True):
-    """One line per run (mean over heads), heads as faint dots, BWSSL block boundaries dashed."""
+    """One line per run (mean over heads), heads as faint dots, BWSSL block boundaries dashed; layers
+    numbered from 1 (the first encoder layer), as the probe figures number them."""
     for i, (run, rows) in enumerate(summaries.items()):
         c = COLOURS[i % len(COLOURS)]
-        x = [r["layer"] for r in rows]
+        x = [r["layer"] + 1 for r in rows]
         fig.add_scatter(x=x, y=[float(np.mean(r[key])) for r in rows], mode="lines+markers", name=run,
                         line_color=c, legendgroup=run, showlegend=legend, row=row, col=col)
-        heads = [(r["layer"], v) for r in rows for v in r[key]]
+        heads = [(r["layer"] + 1, v) for r in rows for v in r[key]]
         fig.add_scatter(x=[h[0] for h in heads], y=[h[1] for h in heads], mode="markers", opacity=0.35,
                         marker=dict(color=c, size=5), legendgroup=run, showlegend=False, hoverinfo="skip",
                         row=row, col=col)
         for end in np.cumsum(partitions[run])[:-1]:
-            fig.add_vline(x=end - 0.5, line_dash="dash", line_color=c, opacity=0.6, row=row, col=col)
+            fig.add_vline(x=end + 0.5, line_dash="dash", line_color=c, opacity=0.6, row=row, col=col)
 
 
-def distance_figure(summaries: dict[str, list[dict]], partitions: dict[str, tuple]) -> go.Figure:
-    """Mean attention distance by layer, space (px) and time (frames), one line per run."""
+def distance_figure(summaries: dict[str, list[dict]], partitions: dict[str, tuple],
+                    uniform: dict | None = None) -> go.Figure:
+    """Mean attention distance by layer, space (px) and time (frames), one line per run; dotted, what
+    uniform attention gives (uniform_attention), the level that says nothing about the layer."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("spatial", "temporal"))
     _by_layer(fig, summaries, partitions, "spatial_px")
     _by_layer(fig, summaries, partitions, "temporal_frames", col=2, legend=False)
+    for col, key in enumerate(("spatial_px", "temporal_frames"), start=1):
+        if uniform:
+            fig.add_hline(y=uniform[key], line_dash="dot", annotation_text="uniform attention", row=1, col=col)
     fig.update_xaxes(title_text="encoder layer", dtick=1)
     fig.update_yaxes(title_text="mean attention distance (px)", col=1)
     fig.update_yaxes(title_text="mean attention distance (frames)", col=2)
@@ -137,17 +154,22 @@ def entropy_figure(summaries: dict[str, list[dict]], partitions: dict[str, tuple
     return fig
 
 
-def mixing_figure(summaries: dict[str, list[dict]]) -> go.Figure:
-    """Token mixing: stacked shares of attention to itself, its time slice and other slices, by layer."""
+def mixing_figure(summaries: dict[str, list[dict]], uniform: dict | None = None) -> go.Figure:
+    """Token mixing: stacked shares of attention to itself, its time slice and other slices, by layer;
+    dotted, where uniform attention would split the bars (uniform_attention)."""
     fig = make_subplots(rows=1, cols=len(summaries), subplot_titles=list(summaries), shared_yaxes=True)
     parts = {"self": "to itself", "same_slice": "to others, same time slice", "other_slices": "to other time slices"}
     for i, rows in enumerate(summaries.values()):
         for j, (key, label) in enumerate(parts.items()):
-            fig.add_bar(x=[r["layer"] for r in rows], y=[float(np.mean(r[key])) for r in rows], name=label,
+            fig.add_bar(x=[r["layer"] + 1 for r in rows], y=[float(np.mean(r[key])) for r in rows], name=label,
                         marker_color=COLOURS[j], legendgroup=key, showlegend=i == 0, row=1, col=i + 1)
+        if uniform:
+            fig.add_hline(y=uniform["self"] + uniform["same_slice"], line_dash="dot", row=1, col=i + 1,
+                          annotation_text="uniform attention" if i == 0 else None)
     fig.update_xaxes(title_text="encoder layer", dtick=1)
     fig.update_yaxes(title_text="share of attention", range=[0, 1], col=1)
-    fig.update_layout(barmode="stack", title="Token mixing (mean over heads)", height=380)
+    fig.update_layout(barmode="stack", height=380, title="Token mixing (mean over heads)"
+                      + ("<br><sup>dotted: the split of uniform attention</sup>" if uniform else ""))
     return fig
 
 
@@ -236,7 +258,7 @@ class AttentionPanel:
              go.Scatter(x=[], y=[], mode="lines", line=dict(color="cyan", width=3), name="query", hoverinfo="skip")],
             layout=dict(width=520, height=520, margin=dict(t=60), yaxis=dict(scaleanchor="x"), showlegend=False))
         self.figure.data[1].on_click(self._clicked)
-        self._busy = False
+        self._busy, self._shown = False, 0  # _shown: the global layer drawn last
         self.run.observe(self._run_changed, "value")
         self.block.observe(self._block_changed, "value")
         for c in (self.layer, self.head, self.frame, self.query_frame, self.row, self.col):
@@ -259,10 +281,10 @@ class AttentionPanel:
     def attention_map(self) -> np.ndarray:
         """(H', W'): the query's attention to the tokens of the shown frame's tube slice."""
         T_, H_, W_ = self.cfg.grid
-        a = self.attn[self.run.value][self.global_layer].float()  # (h, L, L)
+        a = self.attn[self.run.value][self.global_layer][:, self.query].float()  # (h, L): the query's row only
         a = a.mean(0) if self.head.value < 0 else a[self.head.value]
         s = self.frame.value // self.cfg.tubelet_size
-        return a[self.query].view(T_, H_, W_)[s].numpy()
+        return a.view(T_, H_, W_)[s].numpy()
 
     def set(self, **values) -> None:
         """Set controls by name (run, block, layer, head, frame, query_frame, row, col), redrawing once."""
@@ -278,9 +300,28 @@ class AttentionPanel:
             self._busy = False
         self._draw()
 
+    def close(self) -> None:
+        """Close the widgets and drop the attention maps (ipywidgets keeps every widget alive, and with
+        it the panel: re-running the cell that makes one would otherwise keep them all)."""
+        for c in (self.run, self.head, self.block, self.layer, self.frame, self.query_frame, self.row, self.col,
+                  self.figure, self.widget):
+            c.close()
+        self.attn = {}
+
     def _run_changed(self, _=None) -> None:
-        self.block.max = len(self.partitions[self.run.value]) - 1
-        self._block_changed()
+        """Another run at the same depth: the layer shown before, in this run's block and layer within it."""
+        sizes = self.partitions[self.run.value]
+        layer = min(self._shown, sum(sizes) - 1)
+        block = next(k for k in range(len(sizes)) if layer < sum(sizes[:k + 1]))
+        was, self._busy = self._busy, True  # one draw at the end (none inside set(), which draws itself)
+        try:
+            self.block.max = len(sizes) - 1
+            self.block.value = block
+            self.layer.max = sizes[block] - 1
+            self.layer.value = layer - sum(sizes[:block])
+        finally:
+            self._busy = was
+        self._draw()
 
     def _block_changed(self, _=None) -> None:
         self.layer.max = self.partitions[self.run.value][self.block.value] - 1
@@ -295,6 +336,7 @@ class AttentionPanel:
         if self._busy:
             return
         p, t = self.cfg.patch_size, self.cfg.tubelet_size
+        self._shown = self.global_layer
         z = self.attention_map()
         x0, y0 = self.col.value * p - 0.5, self.row.value * p - 0.5
         same = self.query_frame.value // t == self.frame.value // t
@@ -307,6 +349,6 @@ class AttentionPanel:
             self.figure.data[2].y = [y0, y0, y0 + p, y0 + p, y0]
             self.figure.data[2].line.dash = "solid" if same else "dot"
             self.figure.layout.title.text = (
-                f"{self.run.value}, block {self.block.value}, layer {self.global_layer}, {head}<br>"
+                f"{self.run.value}, block {self.block.value}, encoder layer {self.global_layer + 1}, {head}<br>"
                 f"query at frame {self.query_frame.value} ({'solid' if same else 'dotted: another slice'}); "
                 f"{z.sum():.0%} of its attention is on this slice")

@@ -69,6 +69,8 @@ print({name: list(p) for name, p in partitions.items()}, "clip", clip, {k: int(v
 # slice. Click the map to move the query; a dotted box means the query sits in another slice.
 
 # %%
+if "panel" in globals():
+    panel.close()  # a re-run of this cell: let the previous panel's maps go
 panel = viz.AttentionPanel({n: d["attn"] for n, d in diagnostics.items()}, partitions, x, cfg)
 panel.widget
 
@@ -76,14 +78,17 @@ panel.widget
 # ## Attention by layer
 #
 # Mean attention distance (space in pixels, time in frames), token mixing and attention entropy,
-# one line per run. Dashed lines mark the boundaries of BWSSL blocks: is there a jump there?
+# one line per run. Dashed lines mark the boundaries of BWSSL blocks: is there a jump there? Dotted
+# lines are what uniform attention over all tokens gives: a layer at that level attends to nothing in
+# particular, however large its distances or its share of other time slices look.
 
 # %%
 summaries = {n: d["layers"] for n, d in diagnostics.items()}
-viz.distance_figure(summaries, partitions)
+uniform = viz.uniform_attention(cfg)  # the chance level: what attention spread over all tokens gives
+viz.distance_figure(summaries, partitions, uniform)
 
 # %%
-viz.mixing_figure(summaries)
+viz.mixing_figure(summaries, uniform)
 
 # %%
 viz.entropy_figure(summaries, partitions, cfg.num_tokens)
@@ -110,6 +115,6 @@ for name, d in diagnostics.items():
 
 # %%
 out = results_path(study, "03_patches")
-save_json(out, {"notebook": "03_patches", "parameters": P,
+save_json(out, {"notebook": "03_patches", "parameters": P, "uniform_attention": uniform,
                 "runs": viz.results(diagnostics, partitions, influence_method)})
 print("wrote", out)

@@ -27,10 +27,10 @@
 # %%
 import json
 
-import plotly.graph_objects as go
 import plotly.io as pio
+from plotly.subplots import make_subplots
 
-from bwssl_core import notebook, viz
+from bwssl_core import figures, notebook, viz
 from bwssl_core.figures import html_table
 from bwssl_core.io import save_json
 from bwssl_core.study import main_probe, point_folder, results_path, run_dir, run_name, run_notebook, sweep_points
@@ -77,30 +77,43 @@ for preset, ks in by_preset.items():
 
 # %% [markdown]
 # ## Gathered: last-layer linear probe (mean pooling) by preset and K
+#
+# Every row is one model at the last layer with mean pooling (notebook 02's final table), both controls
+# of each preset's architecture included; `vs random init` is a run's lead over the random-init control
+# on the same family, pooling and layer.
 
 # %%
 rows = []
 for preset, ks in by_preset.items():
     res = json.loads(results[preset].read_text())
     kind = {run_name(k): k for k in ks}
+    chance = {r["family"]: r["linear"] for r in res["table"] if r["model"] == figures.CONTROLS["random_init"]}
     for r in res["table"]:
-        if r["model"] in kind:
-            rows.append({"preset": preset, "blocks": kind[r["model"]], "family": r["family"], "linear": r["linear"],
-                         "R@1": r["R@1"], "best_gain": res["best_gain"][r["model"]]["gain"]})
-        elif r["model"] == "random init":
-            rows.append({"preset": preset, "blocks": 0, "family": r["family"], "linear": r["linear"],
-                         "R@1": r["R@1"], "best_gain": 0.0})
+        if r["model"] in kind or r["model"] in figures.CONTROLS.values():
+            rows.append({"preset": preset, "model": r["model"], "blocks": kind.get(r["model"], ""),
+                         "family": r["family"], "linear": r["linear"], "R@1": r["R@1"],
+                         "vs random init": r["linear"] - chance[r["family"]] if r["model"] in kind else ""})
 display(HTML(html_table(rows)))
 
 # %%
-fig = go.Figure()
-for preset in by_preset:
-    for fam in sorted({r["family"] for r in rows}):
-        pts = sorted((r["blocks"], r["linear"]) for r in rows if r["preset"] == preset and r["family"] == fam
-                     and r["blocks"] > 0)
-        fig.add_scatter(x=[k for k, _ in pts], y=[a for _, a in pts], mode="lines+markers", name=f"{preset} {fam}")
-fig.update_layout(title="Last-layer linear probe (mean pooling) against the number of blocks K",
-                  xaxis_title="K (1 = E2E)", yaxis_title="top-1", xaxis_type="log")
+fams = sorted({r["family"] for r in rows})
+fig = make_subplots(rows=1, cols=len(fams), subplot_titles=fams, shared_yaxes=True)
+for i, preset in enumerate(by_preset):
+    colour = figures.COLOURS[i % len(figures.COLOURS)]
+    for col, fam in enumerate(fams, start=1):
+        mine = [r for r in rows if r["preset"] == preset and r["family"] == fam]
+        pts = sorted((r["blocks"], r["linear"]) for r in mine if r["blocks"] != "")
+        fig.add_scatter(x=[k for k, _ in pts], y=[a for _, a in pts], mode="lines+markers", name=preset,
+                        line_color=colour, legendgroup=preset, showlegend=col == 1, row=1, col=col)
+        for r in (r for r in mine if r["blocks"] == ""):  # the controls, as levels across K
+            dash = "dash" if r["model"] == figures.CONTROLS["random_init"] else "dot"
+            fig.add_scatter(x=[pts[0][0], pts[-1][0]], y=[r["linear"]] * 2, mode="lines", line=dict(color=colour,
+                            dash=dash), name=f"{preset} {r['model']}", legendgroup=preset, showlegend=col == 1,
+                            row=1, col=col)
+fig.update_xaxes(title_text="K (1 = E2E)", type="log")
+fig.update_yaxes(title_text="top-1", row=1, col=1)
+fig.update_layout(title="Last-layer linear probe (mean pooling) against the number of blocks K<br>"
+                        "<sup>dashed: random init, dotted: raw pixels, each preset's</sup>", height=380)
 fig.show()
 
 # %%

@@ -55,3 +55,17 @@ def test_attentive_curves_mark_the_kept_epoch():
     kept = {t.name: (t.x[0], t.y[0]) for t in traces if t.mode == "markers"}
     assert kept == {"e2e: kept": (3, 0.7), "bwssl-k2: kept": (2, 0.8), "random init: kept": (2, 0.6),
                     "raw pixels: kept": (3, 0.3)}
+
+
+def test_cka_colours_span_the_values_and_tables_keep_small_differences():
+    """A CKA matrix within 0.96-1 gets the whole colour scale (on 0-1 it was one shade of yellow), its
+    values printed; table cells keep small values apart (0.00681 against 0.00700) and print counts whole."""
+    from bwssl_core.figures import cka_figure, html_table, number
+
+    heat = cka_figure([[1.0, 0.97], [0.963, 0.99]], "t").data[0]
+    assert (heat.zmin, heat.zmax) == (0.963, 1) and heat.texttemplate == "%{z:.3f}"
+    assert cka_figure([[1.0, 1.0], [1.0, 1.0]], "t").data[0].zmin < 1  # a constant matrix still has a range
+    assert [number(v) for v in (0.00681, 0.007, 0.8165, -0.0104, 446.401, 0.0)] == \
+        ["0.00681", "0.007", "0.817", "-0.010", "446", "0.000"]
+    table = html_table([{"run": "<k2>", "error": 0.00681}, {"run": "e2e", "error": 0.007}])
+    assert "<td>0.00681</td>" in table and "<td>0.007</td>" in table and "&lt;k2&gt;" in table

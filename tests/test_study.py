@@ -61,7 +61,11 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     kept = probe["probe"]["e2e"]["pixels"]["attentive"]["motion"]
     assert 1 <= kept["epoch"][-1] <= kept["epochs"][-1] == len(kept["holdout_curve"][-1])
     sweep = json.loads(results_path(out, "04_sweep").read_text())["rows"]
-    assert {r["blocks"] for r in sweep} == {0, 1, 4}  # the points' runs and their random-init control
+    assert {(r["model"], r["blocks"]) for r in sweep} == \
+        {("e2e", 1), ("bwssl-k4", 4), ("random init", ""), ("raw pixels", "")}  # the runs and both controls
+    gain = {(r["model"], r["family"]): r["vs random init"] for r in sweep}
+    lin = {(r["model"], r["family"]): r["linear"] for r in sweep}
+    assert gain["bwssl-k4", "motion"] == pytest.approx(lin["bwssl-k4", "motion"] - lin["random init", "motion"])
     assert (out / "sweep" / "tiny" / "runs" / "e2e").is_symlink()  # the main study's run, not trained again
     assert (out / "sweep" / "tiny" / "runs" / "bwssl-k4" / "checkpoint.pt").exists()
     for run in ("runs/e2e", "sweep/tiny/runs/bwssl-k4"):  # the tiny preset has 1 decoder layer; 2 were asked

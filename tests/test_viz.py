@@ -42,9 +42,28 @@ def test_panel_block_changes_the_map_in_place(diag):
     assert panel.figure is fig and panel.figure.data[1] is heat  # traces updated, figure not rebuilt
     assert np.abs(np.array(heat.z) - before).max() > 1e-4
     np.testing.assert_allclose(np.array(heat.z), panel.attention_map())
-    assert "block 1" in fig.layout.title.text and "layer 3" in fig.layout.title.text
-    panel.set(run="e2e")  # back to one block: block and layer clamp into range
-    assert panel.block.value == 0 and panel.layer.max == 3
+    assert "block 1" in fig.layout.title.text and "encoder layer 4" in fig.layout.title.text  # 1-based
+    panel.set(run="e2e")  # back to one block, at the same depth
+    assert panel.block.value == 0 and panel.layer.max == 3 and panel.global_layer == 3
+    panel.set(layer=1)
+    panel.set(run="bwssl-k2")  # layer 2 of the E2E run is block 0's second layer here
+    assert (panel.block.value, panel.layer.value, panel.global_layer) == (0, 1, 1)
+    draws, draw = [], panel._draw
+    panel._draw = lambda: (draws.append(panel.global_layer) if not panel._busy else None, draw())
+    panel.set(run="e2e", head=0)
+    assert draws == [1]  # one redraw for several controls
+
+
+def test_a_closed_panel_lets_its_maps_go(diag):
+    import gc
+    import weakref
+
+    panel = panel_of(diag)
+    maps = weakref.ref(panel.attn["e2e"])
+    panel.close()
+    del panel
+    gc.collect()
+    assert maps() is None
 
 
 def test_panel_map_is_the_query_row_of_the_attention(diag):
@@ -75,6 +94,9 @@ def test_layer_figures(diag):
     assert [t.name for t in lines] == ["e2e", "bwssl-k2", "e2e", "bwssl-k2"]
     assert all(len(t.y) == 4 for t in lines)
     assert len(fig.layout.shapes) == 2  # bwssl-k2's block boundary in both panels
+    assert list(lines[0].x) == [1, 2, 3, 4] and fig.layout.shapes[0].x0 == 2.5  # 1-based, as the probe figures
+    fig = viz.distance_figure(summaries, partitions, viz.uniform_attention(cfg))
+    assert len(fig.layout.shapes) == 4 and fig.layout.shapes[-1].y0 == pytest.approx(1.0)  # uniform: 1 frame
     fig = viz.entropy_figure(summaries, partitions, cfg.num_tokens)
     assert fig.layout.yaxis.title.text == "attention entropy (nats)"
     assert all(0 < y <= math.log(cfg.num_tokens) + 1e-6 for t in fig.data for y in t.y)
@@ -82,6 +104,16 @@ def test_layer_figures(diag):
     assert fig.layout.barmode == "stack" and len(fig.data) == 6
     total = sum(np.array(t.y) for t in fig.data[:3])
     np.testing.assert_allclose(total, 1, atol=1e-5)
+
+
+def test_uniform_attention_by_hand(tiny):
+    """Uniform attention over the tiny grid (2 slices of 4 x 4 tubes, tubelet 2, patch 8): half the keys
+    sit one slice (2 frames) away, so 1 frame on average; 1/32 to itself, 15/32 to its slice."""
+    u = viz.uniform_attention(tiny())
+    assert u["temporal_frames"] == pytest.approx(1.0) and u["entropy"] == pytest.approx(math.log(32))
+    assert (u["self"], u["same_slice"], u["other_slices"]) == pytest.approx((1 / 32, 15 / 32, 0.5))
+    pos = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).flatten(0, 1) * 8
+    assert u["spatial_px"] == pytest.approx(float(torch.cdist(pos, pos).mean()), rel=1e-5)
 
 
 def test_mixing_shares(tiny):
