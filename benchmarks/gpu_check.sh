@@ -7,11 +7,14 @@
 #   bash benchmarks/gpu_check.sh [STEP ...]
 # steps: pretrain (eager, every K and variant), compiled, ratio (compiled E2E against HF, ViT-B), probe,
 # loader, loader160, lean (compiled E2E against the blockwise variants, HF beside), vit_s (compiled, every
-# K), profile, study (the GPU study of issue 5). The default is what benchmarks/NOTES.md still lists
-# first: ratio lean profile. Wheels the device lacks: benchmarks/device_wheels.sh (loader: decord and
-# PyAV; study: papermill and the rest).
+# K), profile (flash attention), cudnn (the same step with cuDNN attention first), study (the GPU study
+# of issue 5; STUDY names its folder, default runs/study-device). The default is what benchmarks/NOTES.md
+# still lists first: ratio lean profile. Wheels the device lacks: benchmarks/device_wheels.sh (loader:
+# decord and PyAV; study: papermill and the rest). At most 8 files come back from the device ($OUT):
+# the study's are packed into two archives.
 set -u
 OUT=${OUT:-runs/gpu-check}
+STUDY=${STUDY:-runs/study-device}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 LOG=$OUT/gpu_check.log
@@ -59,28 +62,30 @@ for step in $steps; do
     vit_s)  # ViT-S, compiled, HF beside: E2E and K = 2, 4, 6, 12 with 4-layer decoders, per-block backward
       run vit_s 240 python3 benchmarks/bench_pretrain.py --presets $S --batch $B $STEPS --blocks 2 4 6 12 \
         --variants memory $COMPILE --out "$OUT/pretrain_vit_s.json" ;;
-    profile)  # where a compiled E2E step spends its time, with flash and with cuDNN attention
+    profile)  # where a compiled E2E step spends its time (kernels by their own time), flash attention asked
       run profile 80 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 1 --compile \
-        --no-hf --profile e2e --out "$OUT/profile_flash.json" --sdpa flash
-      run profile-cudnn 50 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 1 --compile \
-        --no-hf --out "$OUT/profile_cudnn.json" --sdpa cudnn flash ;;
+        --no-hf --profile e2e --out "$OUT/profile_flash.json" --sdpa flash ;;
+    cudnn)  # the same step with cuDNN attention first (under compile torch took cuDNN's even when flash was asked)
+      run cudnn 50 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 1 --compile \
+        --no-hf --profile e2e --out "$OUT/profile_cudnn.json" --sdpa cudnn flash ;;
     study)  # the GPU study (issue 5): clips kept as tensors, so no video codec is needed there
       # the smoke scale as tensors too: the device has no PyAV to write mp4
-      if [ "${SMOKE:-0}" = 1 ]; then scale=(smoke -p data_format tensor -p data data/synth-smoke-tensor); else scale=(gpu); fi
-      # --resume: a second call on the still-warm machine (runs/ is kept there between calls) continues a
-      # study the first one's limit stopped: finished notebooks are kept, training resumes from its
-      # checkpoint and probing from the feature cache
-      run study 560 python3 -m bwssl_core study --scale "${scale[@]}" --out runs/study-device --resume
+      if [ "${SMOKE:-0}" = 1 ]; then scale=(smoke -p data_format tensor -p data "$STUDY-data"); else scale=(gpu); fi
+      # --resume when a study is there: a second call on the still-warm machine (runs/ is kept there between
+      # calls) continues one the first call's limit stopped: finished notebooks are kept, training resumes
+      # from its checkpoint and probing from the feature cache
+      resume=(); [ -f "$STUDY/study.json" ] && resume=(--resume)
+      run study 540 python3 -m bwssl_core study --scale "${scale[@]}" --out "$STUDY" ${resume[@]+"${resume[@]}"}
       mkdir -p "$OUT/study"
-      cp runs/study-device/report.html runs/study-device/FAILED.json "$OUT/study/" 2>/dev/null
-      mkdir -p "$OUT/study/probes"  # finished probe results, small, kept even if notebook 02 was stopped
-      cp runs/study-device/features/probe-* "$OUT/study/probes/" 2>/dev/null
-      python3 -c "import json, glob; json.dump({p: json.load(open(p)) for p in sorted(glob.glob('runs/study-device/results/*.json'))}, open('$OUT/study/results.json', 'w'))"
-      # everything else but checkpoints and cached features, as one file (the executed notebooks carry
-      # their cells' durations; each run its metrics.jsonl and config.json)
-      tar czf "$OUT/study/study.tgz" --exclude='*.pt' --exclude='features' runs/study-device ;;
+      cp "$STUDY/report.html" "$STUDY/FAILED.json" "$OUT/study/" 2>/dev/null
+      python3 -c "import json, glob; json.dump({p: json.load(open(p)) for p in sorted(glob.glob('$STUDY/results/*.json'))}, open('$OUT/study/results.json', 'w'))"
+      # finished probe results, small, kept even if notebook 02 was stopped; then everything else but
+      # checkpoints and cached features (the executed notebooks carry their cells' durations; each run
+      # its metrics.jsonl and config.json)
+      tar czf "$OUT/study/probes.tgz" "$STUDY"/features/probe-* 2>/dev/null
+      tar czf "$OUT/study/study.tgz" --exclude='*.pt' --exclude='features' "$STUDY" ;;
     *) echo "unknown step $step" | tee -a "$LOG" ;;
   esac
 done
 echo "== summary" | tee -a "$LOG"
-grep -h -E "^(preset|vit_|tiny|measured|all poolings|path|VideoClips|CachedClips|cache build)" "$LOG"
+grep -h -E "^(preset|vit_|tiny|measured|all poolings|path|VideoClips|CachedClips|CacheBatches|cache build)" "$LOG"
