@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 
 from bwssl_core.attentive import attentive_probe
-from bwssl_core.evaluate import depthwise, load_split, probe_layers
+from bwssl_core.evaluate import depthwise, load_split, probe_layers, random_init
 from bwssl_core.io import save_json
-from bwssl_core.model import VideoMAE
 from bwssl_core.notebook import defaults
 from bwssl_core.probe import feature_precision, layer_features, pixel_features, pixel_tokens
 from bwssl_core.study import notebook_params, run_dir
@@ -50,8 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {name: load_run(run_dir(study, name), device) for name in par["runs"]}
     first, config = next(iter(runs.values()))
     cfg, seed = first.cfg, config["train"]["seed"]
-    torch.manual_seed(seed)  # the random-init control: the runs' starting weights, as evaluate.depthwise makes it
-    models = {**{name: model for name, (model, _) in runs.items()}, "random_init": VideoMAE(cfg), "pixels": None}
+    models = {**{name: model for name, (model, _) in runs.items()}, "random_init": random_init(cfg, seed),
+              "pixels": None}
     (train_clips, train_y), (val_clips, val_y) = (load_split(par["data"], s, cfg) for s in ("train", "val"))
     families = par["families"] or list(train_y)
     att_families = par["attentive_families"] or families

@@ -74,13 +74,20 @@ def _tensor_split(path: Path, cfg: ModelConfig) -> tuple[torch.Tensor, dict]:
     return video.permute(0, 2, 1, 3, 4).contiguous(), labels  # (N, C, T, H, W)
 
 
+def random_init(cfg: ModelConfig, seed: int) -> VideoMAE:
+    """The random-init control: VideoMAE(cfg) right after torch.manual_seed(seed), the starting weights
+    of a run with that seed (the same whatever its partition)."""
+    torch.manual_seed(seed)
+    return VideoMAE(cfg)
+
+
 def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings=POOLINGS, seed: int = 0,
               ks=(1, 5, 10, 20, 50), device="cpu", cache: str | Path | None = None, meta: dict | None = None,
               attentive_layers=(), attentive_families=None, precision: str = "auto") -> dict:
     """{control or "trained": {pooling: {family: {"acc": [per layer], "R@k": [per layer], ...}}}}.
 
     train, val: (uint8 clips (N, C, T, H, W), {family: labels (N,)}). The random-init control is
-    VideoMAE(cfg) right after torch.manual_seed(seed): the starting weights of a run with that seed.
+    random_init(cfg, seed): the starting weights of a run with that seed.
     With `cache` (a folder), features and probe results are kept there keyed by the hash of the
     weights, clips and labels (features.py), so controls shared by several runs are computed once;
     `meta` (config, checkpoint, data) is recorded beside each entry.
@@ -96,8 +103,7 @@ def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings
     if missing:
         raise ConfigError(f"label families {missing} are not in the data (it has {sorted(train_labels)})")
     cfg, store, precision = model.cfg, FeatureCache(cache), feature_precision(device, precision)
-    torch.manual_seed(seed)
-    models = {"trained": model, "random_init": VideoMAE(cfg), "pixels": None}
+    models = {"trained": model, "random_init": random_init(cfg, seed), "pixels": None}
     clips_key = tensor_hash(train_clips, val_clips)
     if any(k > len(train_clips) for k in ks):  # nearest() could not answer them: said, not silently dropped
         warnings.warn(f"a gallery of {len(train_clips)} training clips: R@k for k in "

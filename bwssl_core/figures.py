@@ -68,7 +68,9 @@ def cka_figure(matrix: list[list[float]], title: str, rows: str = "layer", cols:
 
 
 def change_figure(analysis: dict[str, dict]) -> go.Figure:
-    """How much each layer changes its input, and how well it keeps the geometry, per run."""
+    """How much each layer changes its input, and how well it keeps the geometry, per run; an entry named
+    as a control (CONTROLS: the random-init encoder) drawn grey and dashed. Raw pixels have no depth, so
+    no curve here."""
     keys = [("token_relative_change", "relative change (tokens)"), ("consecutive_cka", "CKA with the layer before"),
             ("knn_overlap", "kNN overlap with the layer before"), ("effective_rank", "effective rank")]
     fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[t for _, t in keys])
@@ -76,8 +78,10 @@ def change_figure(analysis: dict[str, dict]) -> go.Figure:
         for i, (name, res) in enumerate(analysis.items()):
             y = res[key]
             start = 1 if key == "effective_rank" else 2  # the change metrics compare layer l with l - 1
-            fig.add_scatter(x=list(range(start, start + len(y))), y=y, name=name, mode="lines+markers",
-                            line_color=COLOURS[i % len(COLOURS)], legendgroup=name, showlegend=col == 1, row=1, col=col)
+            control = name in CONTROLS.values()
+            line = dict(color="grey", dash="dash") if control else dict(color=COLOURS[i % len(COLOURS)])
+            fig.add_scatter(x=list(range(start, start + len(y))), y=y, name=name, mode="lines+markers", line=line,
+                            legendgroup=name, showlegend=col == 1, row=1, col=col)
         fig.update_xaxes(title_text="encoder layer", row=1, col=col)
     fig.update_layout(title="Representational change across depth", height=360)
     return fig

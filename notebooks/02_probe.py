@@ -30,9 +30,9 @@ import time
 
 import plotly.io as pio
 
-from bwssl_core import notebook, viz
+from bwssl_core import figures, notebook, viz
 from bwssl_core.analyze import analyze
-from bwssl_core.evaluate import depthwise, load_split
+from bwssl_core.evaluate import depthwise, load_split, random_init
 from bwssl_core.figures import (attentive_curve_figure, attentive_rows, best_gain, best_layers, change_figure,
                                  cka_figure, final_table, html_table, probe_figure)
 from bwssl_core.io import save_json
@@ -94,7 +94,9 @@ if attentive_layers:
 # %% [markdown]
 # ## Similarity and change across depth
 # Minibatch CKA (unbiased HSIC) of mean-pooled features between layers, within each run and
-# against the reference run; relative change, CKA and kNN overlap between consecutive layers.
+# against the reference run; relative change, CKA and kNN overlap between consecutive layers. The
+# random-init encoder (the reference's starting weights, as the probes' control) is measured alike,
+# and against the reference; raw pixels have no depth, so no curve.
 
 # %%
 ref_model = models[reference][0] if reference in models else None
@@ -106,6 +108,12 @@ for name, (model, _) in models.items():
     if other is not None:
         cka_figure(analysis[name]["cka_across"], f"CKA across: {name} (rows) vs {reference} (columns)",
                    rows=f"{name} layer", cols=f"{reference} layer").show()
+if ref_model is not None:
+    control = figures.CONTROLS["random_init"]
+    analysis[control] = analyze(random_init(ref_model.cfg, models[reference][1]["train"]["seed"]), val[0], ref_model,
+                                batch_size=cka_batch, attention_clips=0, device=dev)
+    cka_figure(analysis[control]["cka_across"], f"CKA across: {control} (rows) vs {reference} (columns)",
+               rows=f"{control} layer", cols=f"{reference} layer").show()
 change_figure(analysis).show()
 
 # %% [markdown]

@@ -69,3 +69,14 @@ def test_cka_colours_span_the_values_and_tables_keep_small_differences():
         ["0.00681", "0.007", "0.817", "-0.010", "446", "0.000"]
     table = html_table([{"run": "<k2>", "error": 0.00681}, {"run": "e2e", "error": 0.007}])
     assert "<td>0.00681</td>" in table and "<td>0.007</td>" in table and "&lt;k2&gt;" in table
+
+
+def test_change_curves_draw_the_random_init_control_dashed():
+    from bwssl_core.figures import change_figure
+
+    one = {"token_relative_change": [0.5, 0.4], "consecutive_cka": [0.9, 0.95], "knn_overlap": [0.6, 0.7],
+           "effective_rank": [5.0, 6.0, 7.0]}
+    fig = change_figure({"e2e": one, "random init": one})
+    lines = {t.name: t.line for t in fig.data if t.showlegend}
+    assert lines["random init"].dash == "dash" and lines["random init"].color == "grey"
+    assert lines["e2e"].dash is None and [t.x for t in fig.data][-1] == (1, 2, 3)  # the rank: every layer

@@ -57,6 +57,9 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     assert {r["pooling"] for r in motion} == {*probe["poolings"], "attentive"}
     assert {"e2e", "bwssl-k2", "random init", "raw pixels", "margin"} <= set(motion[0])
     assert "Best layer of every run against both controls" in report
+    control = probe["analysis"]["random init"]  # the change curves and the CKA against E2E carry the control
+    assert len(control["cka_across"]) == len(probe["analysis"]["e2e"]["cka_within"])
+    assert "CKA across: random init" in report
     assert "held-out top-1 by epoch" in report  # the attentive probes' curves
     kept = probe["probe"]["e2e"]["pixels"]["attentive"]["motion"]
     assert 1 <= kept["epoch"][-1] <= kept["epochs"][-1] == len(kept["holdout_curve"][-1])
