@@ -131,6 +131,11 @@ def test_patch_figures_and_results(diag):
     assert [t.type for t in fig.data].count("heatmap") == 2 * cfg.grid[0]  # blocks x tube slices
     shares = sum(np.array(t.z).sum() for t in fig.data if t.type == "heatmap")
     assert shares == pytest.approx(2.0, abs=1e-4)  # each block's map sums to 1
+    inf = d["bwssl-k2"]["influence"]  # subplot (row 2 + k, column s + 1) shows block k's share over slice s
+    for t in (t for t in fig.data if t.type == "heatmap"):
+        i = int(t.xaxis[1:] or 1) - 1  # subplots numbered row by row, T' to a row
+        k, s = i // cfg.grid[0] - 1, i % cfg.grid[0]
+        np.testing.assert_allclose(np.array(t.z), (inf[k] / inf[k].sum())[s].numpy(), rtol=1e-6)
     fig = viz.reconstruction_figure(d["bwssl-k2"]["reconstructions"], clip, mask, cfg, "bwssl-k2")
     assert [t.type for t in fig.data].count("image") == (2 + 2) * cfg.grid[0]  # clip, visible, 2 blocks
     assert "re-injected" in fig.layout.title.text  # the tiny preset predicts normalised tubes
