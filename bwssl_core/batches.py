@@ -12,6 +12,7 @@ import itertools
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .config import PIXEL_MEAN, PIXEL_STD, ConfigError, ModelConfig
@@ -32,9 +33,11 @@ def normalize_video(video: torch.Tensor) -> torch.Tensor:
 
 
 def step_generator(seed: int, step: int, device=None) -> torch.Generator:
-    """A generator seeded by (seed, step): what step `step` draws does not depend on the past."""
+    """A generator seeded by (seed, step): what step `step` draws does not depend on the past. The pair
+    is hashed (numpy's SeedSequence) into a 63-bit seed: torch's CPU generator keeps only a seed's low 32
+    bits, so the earlier (seed << 32) + step gave every seed the same masks and clip order on the CPU."""
     g = torch.Generator(device=device or "cpu")
-    return g.manual_seed((seed << 32) + step)
+    return g.manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1))
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, start_step: int = 0,

@@ -76,6 +76,15 @@ def test_early_stopping_keeps_the_best_held_out_epoch():
     assert res["acc"] == max(curve)
 
 
+def test_a_tie_keeps_the_earlier_epoch():
+    """Two epochs tie for the best held-out score (epochs 17 and 18 here): the earlier one is kept."""
+    x, y = marker_tokens(800, torch.Generator().manual_seed(1))
+    res = attentive_probe(x, y, x[:20], y[:20], epochs=25, seed=2, precision="fp32")
+    curve = res["holdout_curve"]
+    assert curve.count(max(curve)) > 1  # the case this test is about
+    assert res["epoch"] == curve.index(max(curve)) + 1
+
+
 def test_attentive_probe_needs_a_row_to_hold_out():
     x, y = torch.randn(1, 4, 3), torch.zeros(1, dtype=torch.long)
     with pytest.raises(ValueError, match="holdout=0.2 needs at least two"):

@@ -1,4 +1,5 @@
 """Two-process data parallel (torchrun, gloo on the CPU) trains the same weights as one process."""
+import json
 import sys
 
 import pytest
@@ -26,3 +27,7 @@ def test_two_processes_equal_one(tmp_path, split):
     for name, value in a["model"].items():
         # 1e-5: about 1% of one Adam step at this lr (round-off in near-zero gradients, see test_train)
         torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=1e-5, msg=name)
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
+    assert [(r["step"], r["lr"]) for r in rows[0]] == [(r["step"], r["lr"]) for r in rows[1]]
+    for r1, r2 in zip(*rows):  # each block's loss, the mean over both processes: the one-process value
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)

@@ -85,3 +85,15 @@ def test_model_loss_covers_only_the_decoded_tokens(tiny, clips):
     pred = model.decoders[0](z, mask.ids_keep, mask.ids_decode)
     assert pred.shape[1] == cfg.num_decoded == 12
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, model.target(video, mask.ids_decode)))
+
+
+def test_each_step_draws_its_own_mask():
+    """The training mask is drawn from (seed, step): another step, another mask; the same step, the same."""
+    from bwssl_core import TrainConfig, model_config
+    from bwssl_core.train import step_mask
+
+    m, t = model_config("tiny"), TrainConfig(batch_size=4)
+    assert not torch.equal(step_mask(m, t, 0, "cpu").ids_keep, step_mask(m, t, 1, "cpu").ids_keep)
+    assert torch.equal(step_mask(m, t, 1, "cpu").ids_keep, step_mask(m, t, 1, "cpu").ids_keep)
+    assert not torch.equal(step_mask(m, t, 1, "cpu").ids_keep, step_mask(m, TrainConfig(batch_size=4, seed=1), 1,
+                                                                         "cpu").ids_keep)

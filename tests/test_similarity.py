@@ -208,6 +208,10 @@ def test_knn_overlap():
     # by hand, k = 1: angles (degrees) pair the samples as (0 1) (2 3) (4 5), then (0 2) (1 3) (4 5)
     a, b = on_circle([0., 10, 100, 110, 200, 210]), on_circle([0., 100, 10, 110, 200, 210])
     assert knn_overlap([a, b], k=1) == pytest.approx([2 / 6])  # only samples 4 and 5 keep theirs
+    # by angle, not by dot product: sample 2 is long and would be everyone's nearest by dot product
+    a = torch.tensor([[1.0, 0.0], [0.9, 0.1], [5.0, 5.0], [0.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0, 0.0], [0.99, 0.05], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    assert knn_overlap([a, b], k=1) == pytest.approx([1.0])
     with pytest.raises(ValueError, match="1 <= k <= 199"):
         knn_overlap([x, x], k=200)
     with pytest.raises(ValueError, match="all-zero"):
