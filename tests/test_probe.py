@@ -370,3 +370,26 @@ def test_the_probe_is_refit_on_the_whole_training_split():
     W, b = space.fit(y, res["l2"])
     standardised = (vx - x.mean(0)) / (x.std(0) + 1e-6)
     assert ((standardised @ W.T + b).argmax(1) == vy).double().mean().item() == pytest.approx(res["acc"])
+
+
+def test_ties_in_held_out_accuracy_pick_the_stronger_penalty():
+    """Labels every l2 of the grid separates perfectly: the held-out scores tie, and the strongest l2 wins."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    y = (x[:, 0] > 0).long()
+    x[:, 0] += torch.where(y.bool(), 3.0, -3.0)  # a wide margin
+    res = linear_probe(x[:150], y[:150], x[150:], y[150:], l2_grid=(1e-1, 1e-2, 1e-3, 1e-4))
+    assert res["holdout_acc"] == 1.0 and res["l2"] == 1e-1
+
+
+def test_probe_results_for_other_ks_are_not_reused(tmp_path, tiny):
+    from bwssl_core.evaluate import depthwise
+    from bwssl_core.model import VideoMAE
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 256, (n, 3, 4, 32, 32), dtype=torch.uint8, generator=g),
+             {"a": torch.arange(n) % 2}) for n in (24, 12)]
+    model = VideoMAE(tiny())
+    kw = dict(poolings=("mean",), cache=tmp_path, precision="fp32")
+    assert "R@5" not in depthwise(model, *data, ks=(1,), **kw)["trained"]["mean"]["a"]
+    assert "R@5" in depthwise(model, *data, ks=(1, 5), **kw)["trained"]["mean"]["a"]
