@@ -32,12 +32,15 @@ def normalize_video(video: torch.Tensor) -> torch.Tensor:
     return video.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)
 
 
+def hashed_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on `keys` only, hashed (numpy's SeedSequence) so that its low 32 bits do
+    too: torch's CPU generator keeps only those, so (seed << 32) + step gave every seed the same stream."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
 def step_generator(seed: int, step: int, device=None) -> torch.Generator:
-    """A generator seeded by (seed, step): what step `step` draws does not depend on the past. The pair
-    is hashed (numpy's SeedSequence) into a 63-bit seed: torch's CPU generator keeps only a seed's low 32
-    bits, so the earlier (seed << 32) + step gave every seed the same masks and clip order on the CPU."""
-    g = torch.Generator(device=device or "cpu")
-    return g.manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1))
+    """A generator seeded by (seed, step): what step `step` draws does not depend on the past."""
+    return torch.Generator(device=device or "cpu").manual_seed(hashed_seed(seed, step))
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, start_step: int = 0,

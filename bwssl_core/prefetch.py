@@ -76,7 +76,7 @@ class CacheBatches:
                               for k in range(0, b, chunk)]
 
             pending = deque(submit(s) for s in range(self.depth))
-            free, step = self.depth, start_step
+            free, step, clips = self.depth, start_step, clip_rows(rows, ds.repeats)  # this process's clips
             while True:
                 slot, jobs = pending.popleft()
                 for job in jobs:
@@ -92,6 +92,5 @@ class CacheBatches:
                 if self.augment is None:
                     yield video.contiguous()
                 else:
-                    yield augmented(self.augment, video, self.seed, step, clip_rows(rows, ds.repeats),
-                                    self.batch_size * ds.repeats)
+                    yield augmented(self.augment, video, self.seed, step, clips, self.batch_size * ds.repeats)
                 step += 1

@@ -53,8 +53,8 @@ def claim_folder(out: Path, overwrite: bool = False, also=("bad_videos.txt",)) -
 def lr_at(step: int, t: TrainConfig) -> float:
     """Linear warmup to base_lr * batch / 256, then cosine down to min_lr * batch / 256 (VideoMAE's
     linear_scaled_min_lr; never above the peak)."""
-    peak, floor = t.base_lr * t.batch_size / 256, t.min_lr * t.batch_size / 256
-    floor = min(floor, peak)
+    peak = t.base_lr * t.batch_size / 256
+    floor = min(t.min_lr, t.base_lr) * t.batch_size / 256
     if step < t.warmup_steps:
         return peak * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)

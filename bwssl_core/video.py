@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from .batches import hashed_seed
 from .config import ConfigError
 from .io import save_text
 from .listfile import DataError, VideoEntry, file_problem, parse_list_file
@@ -89,7 +90,7 @@ def clip_indices(starts: np.ndarray, num_frames: int, sampling_rate: int) -> np.
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed that depends on (seed, epoch, index) only."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+    return hashed_seed(seed, epoch, index)
 
 
 def square_crops(video: torch.Tensor, count: int) -> torch.Tensor:
