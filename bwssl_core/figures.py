@@ -67,6 +67,11 @@ def cka_figure(matrix: list[list[float]], title: str, rows: str = "layer", cols:
     return fig
 
 
+def line_style(name: str, i: int) -> dict:
+    """The i-th run's line colour; a control (named as in CONTROLS) grey and dashed."""
+    return dict(color="grey", dash="dash") if name in CONTROLS.values() else dict(color=COLOURS[i % len(COLOURS)])
+
+
 def change_figure(analysis: dict[str, dict]) -> go.Figure:
     """How much each layer changes its input, and how well it keeps the geometry, per run; an entry named
     as a control (CONTROLS: the random-init encoder) drawn grey and dashed. Raw pixels have no depth, so
@@ -78,8 +83,7 @@ def change_figure(analysis: dict[str, dict]) -> go.Figure:
         for i, (name, res) in enumerate(analysis.items()):
             y = res[key]
             start = 1 if key == "effective_rank" else 2  # the change metrics compare layer l with l - 1
-            control = name in CONTROLS.values()
-            line = dict(color="grey", dash="dash") if control else dict(color=COLOURS[i % len(COLOURS)])
+            line = line_style(name, i)
             fig.add_scatter(x=list(range(start, start + len(y))), y=y, name=name, mode="lines+markers", line=line,
                             legendgroup=name, showlegend=col == 1, row=1, col=col)
         fig.update_xaxes(title_text="encoder layer", row=1, col=col)

@@ -12,17 +12,16 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 import torch
-from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from .attention import attention_entropy, attention_maps, layer_summary, mean_attention_distance, token_positions
 from .batches import normalize_video
 from .config import ConfigError, ModelConfig
+from .figures import COLOURS, CONTROLS, line_style
 from .masking import Mask
 from .model import VideoMAE
 from .patches import influence_gradient, influence_occlusion, reconstructions
 
-COLOURS = qualitative.Plotly
 INFLUENCE = {"gradient": influence_gradient, "occlusion": influence_occlusion}
 
 
@@ -58,6 +57,25 @@ def uniform_attention(cfg: ModelConfig) -> dict[str, float]:
             "entropy": float(attention_entropy(attn)[0]), **{k: v[0] for k, v in mixing(attn, cfg).items()}}
 
 
+def attention_layers(model: VideoMAE, video: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
+    """Attention over all tokens of a normalised video (1, C, T, H, W) and its per-layer metrics, as the
+    layer figures read them: ([(1, h, L, L)] per layer, [layer_summary row + block + mixing shares])."""
+    attn = attention_maps(model, video)
+    layers = layer_summary(model, video, attns=attn)
+    spans = model.cfg.spans
+    for row, a in zip(layers, attn):
+        row["block"] = next(k for k, (s, e) in enumerate(spans) if s <= row["layer"] < e)
+        row.update(mixing(a, model.cfg))
+    return attn, layers
+
+
+def control_layers(model: VideoMAE, clip: torch.Tensor) -> list[dict]:
+    """The random-init control's per-layer attention metrics for a uint8 clip (C, T, H, W): the level a
+    trained layer is read against (a random encoder already mixes tokens in its own way)."""
+    video = normalize_video(clip[None].to(model.pixel_mean.device))
+    return attention_layers(model, video)[1]
+
+
 def run_diagnostics(model: VideoMAE, clip: torch.Tensor, mask: Mask, influence_method: str = "gradient") -> dict:
     """Everything the patch notebook shows for one model and one uint8 clip (C, T, H, W).
 
@@ -69,24 +87,24 @@ def run_diagnostics(model: VideoMAE, clip: torch.Tensor, mask: Mask, influence_m
         raise ConfigError(f"influence_method={influence_method!r}: expected one of {', '.join(INFLUENCE)}")
     device = model.pixel_mean.device
     video = normalize_video(clip[None].to(device))  # (1, C, T, H, W)
-    attn = attention_maps(model, video)
-    layers = layer_summary(model, video, attns=attn)
+    attn, layers = attention_layers(model, video)
     spans = model.cfg.spans
-    for row, a in zip(layers, attn):
-        row["block"] = next(k for k, (s, e) in enumerate(spans) if s <= row["layer"] < e)
-        row.update(mixing(a, model.cfg))
     influence = [INFLUENCE[influence_method](model, video, k)[0].detach().cpu() for k in range(len(spans))]
     recs = reconstructions(model, video, Mask(mask.ids_keep.to(device), mask.ids_mask.to(device)))
     return {"attn": [a[0].cpu() for a in attn], "layers": layers, "influence": influence,
             "reconstructions": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()} for r in recs]}
 
 
+def layer_results(layers: list[dict]) -> list[dict]:
+    """Per-layer metrics for JSON: each list over heads kept, with its mean beside it (key_mean)."""
+    return [{**row, **{f"{k}_mean": float(np.mean(v)) for k, v in row.items() if isinstance(v, list)}} for row in layers]
+
+
 def results(diagnostics: dict[str, dict], partitions: dict[str, tuple], influence_method: str) -> dict:
     """The JSON-ready metrics: per run, per layer (lists over heads and their mean) and per block."""
     out = {}
     for run, d in diagnostics.items():
-        layers = [{**row, **{f"{k}_mean": float(np.mean(v)) for k, v in row.items() if isinstance(v, list)}}
-                  for row in d["layers"]]
+        layers = layer_results(d["layers"])
         blocks = []
         for k, (inf, rec) in enumerate(zip(d["influence"], d["reconstructions"])):
             share = (inf / inf.sum()).flatten(1).sum(1)  # (T',) share of influence per time slice
@@ -113,12 +131,16 @@ def _square(fig: go.Figure, row_titles: list[str]) -> None:
 
 def _by_layer(fig, summaries, partitions, key, row=1, col=1, legend=True):
     """One line per run (mean over heads), heads as faint dots, BWSSL block boundaries dashed; layers
-    numbered from 1 (the first encoder layer), as the probe figures number them."""
+    numbered from 1 (the first encoder layer), as the probe figures number them. A control (the
+    random-init encoder, named as in figures.CONTROLS) is one grey dashed line, without heads."""
     for i, (run, rows) in enumerate(summaries.items()):
-        c = COLOURS[i % len(COLOURS)]
+        line = line_style(run, i)
+        c = line["color"]
         x = [r["layer"] + 1 for r in rows]
         fig.add_scatter(x=x, y=[float(np.mean(r[key])) for r in rows], mode="lines+markers", name=run,
-                        line_color=c, legendgroup=run, showlegend=legend, row=row, col=col)
+                        line=line, legendgroup=run, showlegend=legend, row=row, col=col)
+        if run in CONTROLS.values():
+            continue
         heads = [(r["layer"] + 1, v) for r in rows for v in r[key]]
         fig.add_scatter(x=[h[0] for h in heads], y=[h[1] for h in heads], mode="markers", opacity=0.35,
                         marker=dict(color=c, size=5), legendgroup=run, showlegend=False, hoverinfo="skip",

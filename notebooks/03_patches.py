@@ -25,8 +25,8 @@
 import plotly.io as pio
 import torch
 
-from bwssl_core import notebook, viz
-from bwssl_core.evaluate import load_split
+from bwssl_core import figures, notebook, viz
+from bwssl_core.evaluate import load_split, random_init
 from bwssl_core.io import save_json
 from bwssl_core.study import results_path, run_dir
 from bwssl_core.train import load_run, resolve_device
@@ -78,12 +78,16 @@ panel.widget
 # ## Attention by layer
 #
 # Mean attention distance (space in pixels, time in frames), token mixing and attention entropy,
-# one line per run. Dashed lines mark the boundaries of BWSSL blocks: is there a jump there? Dotted
-# lines are what uniform attention over all tokens gives: a layer at that level attends to nothing in
-# particular, however large its distances or its share of other time slices look.
+# one line per run. Dashed lines mark the boundaries of BWSSL blocks: is there a jump there? Two
+# references: dotted, what uniform attention over all tokens gives (a layer at that level does not
+# favour near tokens, however large its distances or its share of other time slices look; its
+# entropy says whether it favours particular tokens at all), and grey dashed, the same encoder at
+# random initialisation (the first run's seed), measured on the same clip.
 
 # %%
 summaries = {n: d["layers"] for n, d in diagnostics.items()}
+control = figures.CONTROLS["random_init"]
+summaries[control] = viz.control_layers(random_init(cfg, configs[runs[0]]["train"]["seed"]).to(dev), x)
 uniform = viz.uniform_attention(cfg)  # the chance level: what attention spread over all tokens gives
 viz.distance_figure(summaries, partitions, uniform)
 
@@ -116,5 +120,6 @@ for name, d in diagnostics.items():
 # %%
 out = results_path(study, "03_patches")
 save_json(out, {"notebook": "03_patches", "parameters": P, "uniform_attention": uniform,
+                "controls": {"random_init": viz.layer_results(summaries[control])},
                 "runs": viz.results(diagnostics, partitions, influence_method)})
 print("wrote", out)

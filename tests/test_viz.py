@@ -7,7 +7,7 @@ import papermill
 import pytest
 import torch
 
-from bwssl_core import ConfigError, VideoMAE, model_config, tube_mask, viz
+from bwssl_core import ConfigError, VideoMAE, figures, model_config, tube_mask, viz
 from bwssl_core.study import results_path
 from notebook_fixtures import jupyter_env, make_study, notebook_ipynb
 
@@ -106,6 +106,27 @@ def test_layer_figures(diag):
     np.testing.assert_allclose(total, 1, atol=1e-5)
 
 
+def test_layer_figures_draw_the_random_init_control(diag):
+    """The control is one grey dashed line per panel (no head dots, no block boundaries) and its own
+    mixing panel; its rows are what run_diagnostics measures for the same encoder."""
+    d, partitions, clip, _, cfg = diag
+    torch.manual_seed(0)
+    control = VideoMAE(model_config("tiny"))  # the same weights as the diag fixture's e2e model
+    rows = viz.control_layers(control, clip)
+    assert rows == d["e2e"]["layers"]
+    name = figures.CONTROLS["random_init"]
+    summaries = {"bwssl-k2": d["bwssl-k2"]["layers"], name: rows}
+    fig = viz.distance_figure(summaries, partitions)
+    traces = [t for t in fig.data if t.name == name]
+    assert len(traces) == 2 and all(t.line.color == "grey" and t.line.dash == "dash" for t in traces)
+    assert len(fig.data) == 6  # per panel: bwssl-k2's line and its heads, the control's line
+    assert len(fig.layout.shapes) == 2  # bwssl-k2's boundary only
+    np.testing.assert_allclose(traces[1].y, [np.mean(r["temporal_frames"]) for r in rows])
+    fig = viz.mixing_figure(summaries)
+    assert [a.text for a in fig.layout.annotations] == ["bwssl-k2", name]
+    assert viz.layer_results(rows)[0]["entropy_mean"] == pytest.approx(np.mean(rows[0]["entropy"]))
+
+
 def test_uniform_attention_by_hand(tiny):
     """Uniform attention over the tiny grid (2 slices of 4 x 4 tubes, tubelet 2, patch 8): half the keys
     sit one slice (2 frames) away, so 1 frame on average; 1/32 to itself, 15/32 to its slice."""
@@ -181,6 +202,9 @@ def test_notebook_runs_under_papermill(executed, tiny_study):
     assert out["notebook"] == "03_patches" and out["parameters"]["device"] == "cpu"
     assert set(out["runs"]) == {"e2e", "bwssl-k2"}
     assert len(out["runs"]["bwssl-k2"]["layers"]) == 4 and len(out["runs"]["bwssl-k2"]["blocks"]) == 2
+    control = out["controls"]["random_init"]  # the encoder at the runs' starting weights, on the same clip
+    assert len(control) == 4 and control[0]["entropy_mean"] > 0
+    assert control != out["runs"]["e2e"]["layers"]
 
 
 @pytest.mark.timeout(300)
