@@ -75,14 +75,17 @@ def write_report(study: str | Path) -> Path:
     if patches:
         runs = patches["runs"]
         summaries, partitions = {n: r["layers"] for n, r in runs.items()}, {n: r["partition"] for n, r in runs.items()}
+        for key, rows in patches.get("controls", {}).items():  # grey dashed: the random-init encoder
+            summaries[figures.CONTROLS[key]] = rows
         parts.append(f"<h2>Patch level</h2><p>One clip (notebook 03: clip {patches['parameters']['clip']} of "
                      f"the {patches['parameters']['split']} split): attention by layer (dotted: what uniform attention "
-                     "over all tokens gives, the level that says nothing), and each block's reconstruction error "
-                     "and how many input tubes its pooled output depends on (the exponential of the entropy of "
-                     f"the patch-influence map, {patches['parameters']['influence_method']}).</p>")
+                     "over all tokens gives; grey dashed: the encoder at random initialisation), and each block's "
+                     "reconstruction error and how many input tubes its pooled output depends on (the exponential "
+                     f"of the entropy of the patch-influence map, {patches['parameters']['influence_method']}).</p>")
         uniform = patches.get("uniform_attention")  # dotted: the level of attention spread over all tokens
         fig(viz.distance_figure(summaries, partitions, uniform))
         fig(viz.mixing_figure(summaries, uniform))
+        fig(viz.entropy_figure(summaries, partitions, uniform))  # favours particular tokens, near or not?
         parts.append(figures.html_table([{"run": n, "block": b["block"], "reconstruction error": b["recon_error"],
                                           "influence: effective tubes": b["influence_effective_tubes"]}
                                          for n, r in runs.items() for b in r["blocks"]]))

@@ -7,7 +7,6 @@ model beyond `forward_intermediates`. Clips are uint8 (C, T, H, W); layers and b
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import numpy as np
 import plotly.graph_objects as go
@@ -166,11 +165,14 @@ def distance_figure(summaries: dict[str, list[dict]], partitions: dict[str, tupl
     return fig
 
 
-def entropy_figure(summaries: dict[str, list[dict]], partitions: dict[str, tuple], num_tokens: int) -> go.Figure:
-    """Attention entropy by layer; the dotted line is uniform attention over all tokens."""
+def entropy_figure(summaries: dict[str, list[dict]], partitions: dict[str, tuple],
+                   uniform: dict | None = None) -> go.Figure:
+    """Attention entropy by layer: below the dotted line (uniform attention, uniform_attention) a layer
+    favours particular tokens, whether or not they are near."""
     fig = go.Figure()
     _by_layer(fig, summaries, partitions, "entropy", row=None, col=None)
-    fig.add_hline(y=math.log(num_tokens), line_dash="dot", annotation_text="uniform")
+    if uniform:
+        fig.add_hline(y=uniform["entropy"], line_dash="dot", annotation_text="uniform attention")
     fig.update_layout(title="Attention entropy", xaxis_title="encoder layer", xaxis_dtick=1,
                       yaxis_title="attention entropy (nats)", height=380)
     return fig

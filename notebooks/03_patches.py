@@ -95,7 +95,7 @@ viz.distance_figure(summaries, partitions, uniform)
 viz.mixing_figure(summaries, uniform)
 
 # %%
-viz.entropy_figure(summaries, partitions, cfg.num_tokens)
+viz.entropy_figure(summaries, partitions, uniform)
 
 # %% [markdown]
 # ## Patch influence on each block's pooled representation

@@ -97,8 +97,9 @@ def test_layer_figures(diag):
     assert list(lines[0].x) == [1, 2, 3, 4] and fig.layout.shapes[0].x0 == 2.5  # 1-based, as the probe figures
     fig = viz.distance_figure(summaries, partitions, viz.uniform_attention(cfg))
     assert len(fig.layout.shapes) == 4 and fig.layout.shapes[-1].y0 == pytest.approx(1.0)  # uniform: 1 frame
-    fig = viz.entropy_figure(summaries, partitions, cfg.num_tokens)
+    fig = viz.entropy_figure(summaries, partitions, viz.uniform_attention(cfg))
     assert fig.layout.yaxis.title.text == "attention entropy (nats)"
+    assert fig.layout.shapes[-1].y0 == pytest.approx(math.log(cfg.num_tokens))
     assert all(0 < y <= math.log(cfg.num_tokens) + 1e-6 for t in fig.data for y in t.y)
     fig = viz.mixing_figure(summaries)
     assert fig.layout.barmode == "stack" and len(fig.data) == 6
