@@ -6,6 +6,7 @@ results (evaluate.py: {model: {pooling: {family: {metric: [per layer]}}}}) and a
 from __future__ import annotations
 
 import html
+import statistics
 
 import plotly.graph_objects as go
 from plotly.colors import qualitative
@@ -170,6 +171,73 @@ def attentive_curve_figure(probe: dict[str, dict]) -> go.Figure:
         fig.update_xaxes(title_text="epoch", row=1, col=col)
     fig.update_yaxes(title_text="held-out top-1", row=1, col=1)
     fig.update_layout(title="Attentive probe: held-out top-1 by epoch (dot: the epoch kept)", height=360)
+    return fig
+
+
+def sweep_rows(table: list[dict], preset: str, blocks: dict[str, int], seed: int) -> list[dict]:
+    """One sweep point's rows from its final table (notebook 02): each run in `blocks` ({run: K}) and both
+    controls of the preset's architecture, last layer, with a run's lead over the random-init control and
+    over E2E (the point's K = 1 run) on the same family, both of the same seed."""
+    linear = {(r["model"], r["family"]): r["linear"] for r in table}
+    e2e = next((name for name, k in blocks.items() if k == 1), None)
+    rows = []
+    for r in table:
+        trained = r["model"] in blocks
+        if not trained and r["model"] not in CONTROLS.values():
+            continue
+        lead = lambda other: r["linear"] - linear[other, r["family"]] if trained else ""  # noqa: E731
+        rows.append({"preset": preset, "seed": seed, "model": r["model"], "blocks": blocks.get(r["model"], ""),
+                     "family": r["family"], "linear": r["linear"], "R@1": r["R@1"],
+                     "vs random init": lead(CONTROLS["random_init"]),
+                     "vs E2E": lead(e2e) if e2e and r["model"] != e2e else ""})
+    return rows
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """sweep_rows over seeds: per preset, model and family the mean of each measure and, with more than
+    one seed, its standard deviation over seeds (sample, n - 1): whether a lead is larger than what
+    another draw of weights, masks and clip order moves it by."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["preset"], r["model"], r["blocks"], r["family"]), []).append(r)
+    several = any(len(g) > 1 for g in groups.values())
+    out = []
+    for (preset, model, blocks, family), group in groups.items():
+        row = {"preset": preset, "model": model, "blocks": blocks, "family": family, "seeds": len(group)}
+        for col in ("linear", "R@1", "vs random init", "vs E2E"):
+            values = [r[col] for r in group if r[col] != ""]
+            row[col] = statistics.mean(values) if values else ""
+            if several and col != "R@1":
+                row[f"{col} sd"] = statistics.stdev(values) if len(values) > 1 else ""
+        out.append(row)
+    return out
+
+
+def sweep_figure(summary: list[dict]) -> go.Figure:
+    """Last-layer linear probe against K per family, one line per preset (bars: sd over seeds when the
+    summary has it), its controls as levels across K."""
+    fams = sorted({r["family"] for r in summary})
+    presets = list(dict.fromkeys(r["preset"] for r in summary))
+    fig = make_subplots(rows=1, cols=len(fams), subplot_titles=fams, shared_yaxes=True)
+    for i, preset in enumerate(presets):
+        colour = COLOURS[i % len(COLOURS)]
+        for col, fam in enumerate(fams, start=1):
+            mine = [r for r in summary if r["preset"] == preset and r["family"] == fam]
+            pts = sorted((r["blocks"], r["linear"], r.get("linear sd") or 0.0) for r in mine if r["blocks"] != "")
+            fig.add_scatter(x=[k for k, _, _ in pts], y=[a for _, a, _ in pts], mode="lines+markers", name=preset,
+                            error_y=dict(array=[sd for _, _, sd in pts], visible="linear sd" in mine[0]),
+                            line_color=colour, legendgroup=preset, showlegend=col == 1, row=1, col=col)
+            for r in (r for r in mine if r["blocks"] == ""):
+                dash = "dash" if r["model"] == CONTROLS["random_init"] else "dot"
+                fig.add_scatter(x=[pts[0][0], pts[-1][0]], y=[r["linear"]] * 2, mode="lines",
+                                line=dict(color=colour, dash=dash), name=f"{preset} {r['model']}",
+                                legendgroup=preset, showlegend=col == 1, row=1, col=col)
+    seeds = max(r.get("seeds", 1) for r in summary)
+    fig.update_xaxes(title_text="K (1 = E2E)", type="log")
+    fig.update_yaxes(title_text="top-1", row=1, col=1)
+    fig.update_layout(title="Last-layer linear probe (mean pooling) against the number of blocks K<br>"
+                            "<sup>dashed: random init, dotted: raw pixels, each preset's"
+                            + (f"; mean over {seeds} seeds, bars: sd" if seeds > 1 else "") + "</sup>", height=380)
     return fig
 
 

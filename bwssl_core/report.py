@@ -91,7 +91,9 @@ def write_report(study: str | Path) -> Path:
                                          for n, r in runs.items() for b in r["blocks"]]))
     sweep = _load(study, "04_sweep")
     if sweep:
-        parts.append("<h2>Sweep</h2>" + figures.html_table(sweep["rows"]))
+        summary = sweep.get("summary", sweep["rows"])  # the mean (and sd) over seeds where there are several
+        parts.append("<h2>Sweep</h2>" + figures.html_table(summary))
+        fig(figures.sweep_figure(summary))
     save_text(study / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>BWSSL study</title>"
                                      f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     return study / "report.html"

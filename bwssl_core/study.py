@@ -203,6 +203,7 @@ def check_study(params: dict, notebooks=NOTEBOOK_ORDER) -> None:
         for preset, ks in sweep_points(full["04_sweep"]["points"]).items():
             for k in ks:
                 model_config(preset, blocks=k)
+        sweep_seeds(full["04_sweep"]["seeds"], 0)
 
 
 def notebook_params(params: dict, name: str) -> dict:
@@ -229,6 +230,14 @@ def sweep_points(points: list[str]) -> dict[str, list[int]]:
     return out
 
 
+def sweep_seeds(seeds: list, main_seed: int) -> list[int]:
+    """The training seeds of every sweep point: notebook 01's first, then the others of `seeds` in order."""
+    bad = [s for s in seeds if type(s) is not int or s < 0]
+    if bad:
+        raise ConfigError(f"sweep seeds {bad}: expected non-negative integers, e.g. seeds=[1, 2]")
+    return list(dict.fromkeys([main_seed, *seeds]))
+
+
 def main_probe(study: str | Path, names: list[str]) -> Path | None:
     """The main study's 02_probe results when they already cover every run in `names` (a sweep point
     of the main preset needs no new training or probing), else None."""
@@ -239,10 +248,11 @@ def main_probe(study: str | Path, names: list[str]) -> Path | None:
     return path if set(names) <= set(probed) else None
 
 
-def point_folder(study: str | Path, preset: str, reuse: list[str]) -> Path:
-    """The study folder of a sweep's preset: study/sweep/<preset>/. Runs named in `reuse` (those of the
-    main study, trained with the same parameters) are linked in, not trained again."""
-    folder = Path(study) / "sweep" / preset
+def point_folder(study: str | Path, preset: str, reuse: list[str], seed: int | None = None) -> Path:
+    """The study folder of a sweep's preset: study/sweep/<preset>/, or <preset>-seed<seed>/ for a training
+    seed other than the main study's. Runs named in `reuse` (those of the main study, trained with the
+    same parameters) are linked in, not trained again."""
+    folder = Path(study) / "sweep" / (preset if seed is None else f"{preset}-seed{seed}")
     (folder / "runs").mkdir(parents=True, exist_ok=True)
     for name in reuse:
         link = folder / "runs" / name

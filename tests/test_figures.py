@@ -80,3 +80,43 @@ def test_change_curves_draw_the_random_init_control_dashed():
     lines = {t.name: t.line for t in fig.data if t.showlegend}
     assert lines["random init"].dash == "dash" and lines["random init"].color == "grey"
     assert lines["e2e"].dash is None and [t.x for t in fig.data][-1] == (1, 2, 3)  # the rank: every layer
+
+
+def _table(e2e, k2, rnd, pix=0.3):
+    """A final table (notebook 02) of one family: E2E, K=2 and both controls at the last layer."""
+    return [{"family": "motion", "model": m, "linear": v, "R@1": v / 2}
+            for m, v in [("e2e", e2e), ("bwssl-k2", k2), ("random init", rnd), ("raw pixels", pix)]]
+
+
+def test_sweep_rows_lead_over_random_init_and_e2e_of_the_same_seed():
+    from bwssl_core.figures import sweep_rows
+
+    rows = {r["model"]: r for r in sweep_rows(_table(0.6, 0.7, 0.4) + [{"family": "motion", "model": "other",
+                                              "linear": 0.9, "R@1": 0.1}], "cpu", {"e2e": 1, "bwssl-k2": 2}, 3)}
+    assert set(rows) == {"e2e", "bwssl-k2", "random init", "raw pixels"}  # a run not of this point is left out
+    assert rows["bwssl-k2"]["vs random init"] == pytest.approx(0.3) and rows["bwssl-k2"]["vs E2E"] == pytest.approx(0.1)
+    assert rows["e2e"]["vs E2E"] == "" and rows["random init"]["vs random init"] == ""
+    assert rows["bwssl-k2"]["seed"] == 3 and rows["bwssl-k2"]["blocks"] == 2 and rows["raw pixels"]["blocks"] == ""
+    alone = sweep_rows(_table(0.6, 0.7, 0.4), "cpu", {"bwssl-k2": 2}, 0)  # no K = 1 point: no lead over E2E
+    assert all(r["vs E2E"] == "" for r in alone)
+
+
+def test_seed_summary_means_and_sample_sd_over_seeds():
+    from bwssl_core.figures import seed_summary, sweep_figure, sweep_rows
+
+    blocks = {"e2e": 1, "bwssl-k2": 2}
+    one = sweep_rows(_table(0.6, 0.7, 0.4), "cpu", blocks, 0)
+    single = seed_summary(one)
+    assert "linear sd" not in single[0] and single[0]["seeds"] == 1  # one seed: no spread to show
+    rows = one + sweep_rows(_table(0.5, 0.8, 0.3), "cpu", blocks, 1) + sweep_rows(_table(0.7, 0.6, 0.5), "cpu", blocks, 2)
+    summary = {r["model"]: r for r in seed_summary(rows)}
+    k2 = summary["bwssl-k2"]
+    assert k2["seeds"] == 3 and k2["linear"] == pytest.approx(0.7) and k2["linear sd"] == pytest.approx(0.1)
+    assert k2["vs E2E"] == pytest.approx(0.1) and k2["vs E2E sd"] == pytest.approx(0.2)  # leads 0.1, 0.3, -0.1
+    assert k2["vs random init"] == pytest.approx(0.3) and k2["vs random init sd"] == pytest.approx(0.2)  # 0.3, 0.5, 0.1
+    assert summary["random init"]["linear"] == pytest.approx(0.4) and summary["random init"]["vs E2E sd"] == ""
+    fig = sweep_figure(list(summary.values()))
+    line = next(t for t in fig.data if t.mode == "lines+markers")
+    assert list(line.x) == [1, 2] and list(line.y) == pytest.approx([0.6, 0.7])
+    assert list(line.error_y.array) == pytest.approx([0.1, 0.1]) and line.error_y.visible
+    assert "mean over 3 seeds" in fig.layout.title.text

@@ -29,7 +29,8 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     """(With the data as clip tensors, as the GPU study keeps them; the notebooks' own tests and the
     browser test read mp4 data.)"""
     out, data = tmp_path / "study", tmp_path / "data"
-    params = {**SMOKE, "data": str(data), "data_format": "tensor", "points": ["tiny:1", "tiny:4"], "dec_depth": 2}
+    params = {**SMOKE, "data": str(data), "data_format": "tensor", "points": ["tiny:1", "tiny:4"], "dec_depth": 2,
+              "seeds": [1]}
     with pytest.raises(RunError, match="notebook 02_probe failed in cell"):
         run_study(out, {**params, "families": ["texture"]})
     failed = json.loads((out / "FAILED.json").read_text())
@@ -40,7 +41,7 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     with pytest.raises(RunError, match="already holds a study"):
         run_study(out, params)  # never silently over a study
     assert main(["study", "--smoke", "--resume", "--out", str(out), "-p", "data", str(data), "-p", "data_format",
-                 "tensor", "-p", "points", "['tiny:1', 'tiny:4']", "-p", "dec_depth", "2"]) == 0
+                 "tensor", "-p", "points", "['tiny:1', 'tiny:4']", "-p", "dec_depth", "2", "-p", "seeds", "[1]"]) == 0
     assert (data / "train.pt").exists() and not (data / "train.csv").exists()
     assert (out / "01_pretrain.ipynb").stat().st_mtime_ns == first  # finished: not run again
     assert (out / "runs" / "e2e" / "checkpoint.pt").stat().st_mtime_ns == trained
@@ -65,9 +66,22 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     assert "Attention entropy" in patch_level and '"name":"random init"' in patch_level
     kept = probe["probe"]["e2e"]["pixels"]["attentive"]["motion"]
     assert 1 <= kept["epoch"][-1] <= kept["epochs"][-1] == len(kept["holdout_curve"][-1])
-    sweep = json.loads(results_path(out, "04_sweep").read_text())["rows"]
+    swept = json.loads(results_path(out, "04_sweep").read_text())
+    assert swept["seeds"] == [0, 1]  # notebook 01's seed, then the further one
+    sweep = [r for r in swept["rows"] if r["seed"] == 0]
     assert {(r["model"], r["blocks"]) for r in sweep} == \
         {("e2e", 1), ("bwssl-k4", 4), ("random init", ""), ("raw pixels", "")}  # the runs and both controls
+    again = {(r["model"], r["family"]): r for r in swept["rows"] if r["seed"] == 1}
+    assert set(again) == {(r["model"], r["family"]) for r in sweep}  # every run and control under seed 1 too
+    seed1 = out / "sweep" / "tiny-seed1" / "runs"
+    for name in ("e2e", "bwssl-k4"):  # trained again under seed 1, not linked
+        assert not (seed1 / name).is_symlink()
+        assert json.loads((seed1 / name / "config.json").read_text())["train"]["seed"] == 1
+    summary = {(r["model"], r["family"]): r for r in swept["summary"]}
+    k4 = summary["bwssl-k4", "motion"]
+    by_seed = [r["vs E2E"] for r in swept["rows"] if (r["model"], r["family"]) == ("bwssl-k4", "motion")]
+    assert k4["seeds"] == 2 and k4["vs E2E"] == pytest.approx(sum(by_seed) / 2)
+    assert k4["vs E2E sd"] == pytest.approx(abs(by_seed[0] - by_seed[1]) / 2 ** 0.5)
     gain = {(r["model"], r["family"]): r["vs random init"] for r in sweep}
     lin = {(r["model"], r["family"]): r["linear"] for r in sweep}
     assert gain["bwssl-k4", "motion"] == pytest.approx(lin["bwssl-k4", "motion"] - lin["random init", "motion"])
@@ -105,7 +119,8 @@ def test_bad_study_parameters_stop_before_anything_runs(tmp_path):
                             ({"blocks": [1, 3]}, "blocks=3: expected a divisor of depth=4"),
                             ({"preset": "vit_x"}, "unknown preset 'vit_x'"),
                             ({"points": ["cpu"]}, "sweep point 'cpu': expected 'preset:K'"),
-                            ({"points": ["tiny:3"]}, "blocks=3: expected a divisor of depth=4")]:
+                            ({"points": ["tiny:3"]}, "blocks=3: expected a divisor of depth=4"),
+                            ({"seeds": [1, -2]}, r"sweep seeds \[-2\]: expected non-negative integers")]:
         with pytest.raises(ConfigError, match=message):
             run_study(tmp_path / "s", params)
         assert not (tmp_path / "s").exists()  # nothing written: the corrected call can use the same --out
