@@ -174,37 +174,61 @@ def attentive_curve_figure(probe: dict[str, dict]) -> go.Figure:
     return fig
 
 
+def _leads(row: dict, value: float, trained: bool, e2e: str | None, others: dict) -> dict:
+    """A run's lead over the random-init control and over E2E (the point's K = 1 run), both of its seed;
+    "" where it has none (a control, E2E itself, a point without E2E)."""
+    row["vs random init"] = value - others[CONTROLS["random_init"]] if trained else ""
+    row["vs E2E"] = value - others[e2e] if trained and e2e and row["model"] != e2e else ""
+    return row
+
+
 def sweep_rows(table: list[dict], preset: str, blocks: dict[str, int], seed: int) -> list[dict]:
     """One sweep point's rows from its final table (notebook 02): each run in `blocks` ({run: K}) and both
     controls of the preset's architecture, last layer, with a run's lead over the random-init control and
     over E2E (the point's K = 1 run) on the same family, both of the same seed."""
-    linear = {(r["model"], r["family"]): r["linear"] for r in table}
     e2e = next((name for name, k in blocks.items() if k == 1), None)
     rows = []
     for r in table:
         trained = r["model"] in blocks
         if not trained and r["model"] not in CONTROLS.values():
             continue
-        lead = lambda other: r["linear"] - linear[other, r["family"]] if trained else ""  # noqa: E731
-        rows.append({"preset": preset, "seed": seed, "model": r["model"], "blocks": blocks.get(r["model"], ""),
-                     "family": r["family"], "linear": r["linear"], "R@1": r["R@1"],
-                     "vs random init": lead(CONTROLS["random_init"]),
-                     "vs E2E": lead(e2e) if e2e and r["model"] != e2e else ""})
+        others = {x["model"]: x["linear"] for x in table if x["family"] == r["family"]}
+        rows.append(_leads({"preset": preset, "seed": seed, "model": r["model"], "blocks": blocks.get(r["model"], ""),
+                            "family": r["family"], "linear": r["linear"], "R@1": r["R@1"]},
+                           r["linear"], trained, e2e, others))
     return rows
 
 
+def sweep_best_rows(best: list[dict], preset: str, blocks: dict[str, int], seed: int) -> list[dict]:
+    """The same from a point's best_layers (notebook 02): per family and pooling the best layer's top-1 of
+    every run and control (where the CPU study's learning shows: temporal slices, not the last layer's
+    mean), with the leads of sweep_rows."""
+    e2e = next((name for name, k in blocks.items() if k == 1), None)
+    rows = []
+    for r in best:
+        for model in [*blocks, *CONTROLS.values()]:
+            rows.append(_leads({"preset": preset, "seed": seed, "model": model, "blocks": blocks.get(model, ""),
+                                "family": r["family"], "pooling": r["pooling"], "best layer": r[model]},
+                               r[model], model in blocks, e2e, r))
+    return rows
+
+
+MEASURES = ("linear", "R@1", "best layer", "vs random init", "vs E2E")  # what seed_summary averages
+
+
 def seed_summary(rows: list[dict]) -> list[dict]:
-    """sweep_rows over seeds: per preset, model and family the mean of each measure and, with more than
-    one seed, its standard deviation over seeds (sample, n - 1): whether a lead is larger than what
-    another draw of weights, masks and clip order moves it by."""
+    """sweep_rows (or sweep_best_rows) over seeds: per point (every column but the seed and the measures)
+    the mean of each measure and, with more than one seed, its standard deviation over seeds (sample,
+    n - 1; none for R@1): whether a lead is larger than what another draw of weights, masks and clip
+    order moves it by."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["preset"], r["model"], r["blocks"], r["family"]), []).append(r)
+        groups.setdefault(tuple((k, v) for k, v in r.items() if k != "seed" and k not in MEASURES), []).append(r)
     several = any(len(g) > 1 for g in groups.values())
     out = []
-    for (preset, model, blocks, family), group in groups.items():
-        row = {"preset": preset, "model": model, "blocks": blocks, "family": family, "seeds": len(group)}
-        for col in ("linear", "R@1", "vs random init", "vs E2E"):
+    for key, group in groups.items():
+        row = {**dict(key), "seeds": len(group)}
+        for col in (c for c in MEASURES if c in group[0]):
             values = [r[col] for r in group if r[col] != ""]
             row[col] = statistics.mean(values) if values else ""
             if several and col != "R@1":

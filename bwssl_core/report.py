@@ -94,6 +94,8 @@ def write_report(study: str | Path) -> Path:
         summary = sweep.get("summary", sweep["rows"])  # the mean (and sd) over seeds where there are several
         parts.append("<h2>Sweep</h2>" + figures.html_table(summary))
         fig(figures.sweep_figure(summary))
+        if sweep.get("best_summary"):
+            parts.append("<h3>Best layer per family and pooling</h3>" + figures.html_table(sweep["best_summary"]))
     save_text(study / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>BWSSL study</title>"
                                      f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     return study / "report.html"

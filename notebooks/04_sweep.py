@@ -91,16 +91,30 @@ for seed in all_seeds:
 # each value is the mean over seeds and `sd` its standard deviation.
 
 # %%
-rows = []
+rows, best_rows = [], []
 for (preset, seed), path in results.items():
-    table = json.loads(path.read_text())["table"]
-    rows += figures.sweep_rows(table, preset, {run_name(k): k for k in by_preset[preset]}, seed)
+    res, blocks = json.loads(path.read_text()), {run_name(k): k for k in by_preset[preset]}
+    rows += figures.sweep_rows(res["table"], preset, blocks, seed)
+    best_rows += figures.sweep_best_rows(res["best_layers"], preset, blocks, seed)
 summary = figures.seed_summary(rows)
 display(HTML(html_table(summary)))
 
 # %%
 figures.sweep_figure(summary).show()
 
+# %% [markdown]
+# ## Gathered: best layer per family and pooling
+#
+# The last layer with mean pooling can miss what a run learned (on the CPU study motion shows in the
+# temporal slices, at the best layer): every run's and control's best-layer top-1 for each family and
+# pooling, with the same leads, over the seeds. (The main study's poolings and its attentive probe
+# appear with its seed alone: `seeds` says how many seeds a row averages.)
+
+# %%
+best_summary = figures.seed_summary(best_rows)
+display(HTML(html_table(best_summary)))
+
 # %%
 save_json(results_path(study, "04_sweep"), {"notebook": "04_sweep", "parameters": P, "seeds": all_seeds,
-                                            "rows": rows, "summary": summary})
+                                            "rows": rows, "summary": summary, "best_rows": best_rows,
+                                            "best_summary": best_summary})

@@ -120,3 +120,21 @@ def test_seed_summary_means_and_sample_sd_over_seeds():
     assert list(line.x) == [1, 2] and list(line.y) == pytest.approx([0.6, 0.7])
     assert list(line.error_y.array) == pytest.approx([0.1, 0.1]) and line.error_y.visible
     assert "mean over 3 seeds" in fig.layout.title.text
+
+
+def test_best_layer_rows_keep_the_pooling_apart_over_seeds():
+    from bwssl_core.figures import seed_summary, sweep_best_rows
+
+    def best(seed_shift):
+        return [{"family": "motion", "pooling": p, "e2e": v + seed_shift, "bwssl-k2": v + 0.05, "random init": 0.4,
+                 "raw pixels": 0.3, "margin": 0.0} for p, v in (("mean", 0.5), ("slices", 0.8))]
+
+    rows = sweep_best_rows(best(0.0), "cpu", {"e2e": 1, "bwssl-k2": 2}, 0)
+    assert len(rows) == 8 and {r["pooling"] for r in rows} == {"mean", "slices"}  # 2 runs + 2 controls each
+    rows += sweep_best_rows(best(0.02), "cpu", {"e2e": 1, "bwssl-k2": 2}, 1)
+    summary = {(r["model"], r["pooling"]): r for r in seed_summary(rows)}
+    assert len(summary) == 8 and all(r["seeds"] == 2 for r in summary.values())
+    k2 = summary["bwssl-k2", "slices"]
+    assert k2["best layer"] == pytest.approx(0.85) and k2["vs random init"] == pytest.approx(0.45)
+    assert k2["vs E2E"] == pytest.approx(0.04) and k2["vs E2E sd"] == pytest.approx(0.02 / 2 ** 0.5)
+    assert summary["e2e", "mean"]["best layer sd"] == pytest.approx(0.02 / 2 ** 0.5)

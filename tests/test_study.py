@@ -82,6 +82,11 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     by_seed = [r["vs E2E"] for r in swept["rows"] if (r["model"], r["family"]) == ("bwssl-k4", "motion")]
     assert k4["seeds"] == 2 and k4["vs E2E"] == pytest.approx(sum(by_seed) / 2)
     assert k4["vs E2E sd"] == pytest.approx(abs(by_seed[0] - by_seed[1]) / 2 ** 0.5)
+    best = {(r["model"], r["family"], r["pooling"]): r for r in swept["best_summary"]}
+    assert {p for _, _, p in best} == {"mean", "slices"} and all(r["seeds"] == 2 for r in best.values())
+    by_seed = [r["best layer"] for r in swept["best_rows"] if r["model"] == "bwssl-k4" and r["family"] == "motion"
+               and r["pooling"] == "slices"]
+    assert best["bwssl-k4", "motion", "slices"]["best layer"] == pytest.approx(sum(by_seed) / 2)
     gain = {(r["model"], r["family"]): r["vs random init"] for r in sweep}
     lin = {(r["model"], r["family"]): r["linear"] for r in sweep}
     assert gain["bwssl-k4", "motion"] == pytest.approx(lin["bwssl-k4", "motion"] - lin["random init", "motion"])
