@@ -257,7 +257,8 @@ def sweep_figure(summary: list[dict]) -> go.Figure:
                                 line=dict(color=colour, dash=dash), name=f"{preset} {r['model']}",
                                 legendgroup=preset, showlegend=col == 1, row=1, col=col)
     seeds = max(r.get("seeds", 1) for r in summary)
-    fig.update_xaxes(title_text="K (1 = E2E)", type="log")
+    ks = sorted({r["blocks"] for r in summary if r["blocks"] != ""})
+    fig.update_xaxes(title_text="K (1 = E2E)", type="log", tickvals=ks)
     fig.update_yaxes(title_text="top-1", row=1, col=1)
     fig.update_layout(title="Last-layer linear probe (mean pooling) against the number of blocks K<br>"
                             "<sup>dashed: random init, dotted: raw pixels, each preset's"

@@ -153,13 +153,16 @@ def run_study(out: str | Path, params: dict | None, notebooks=NOTEBOOK_ORDER, re
 
     out = Path(out)
     saved = out / "study.json"
+    unknown = [n for n in notebooks if n not in NOTEBOOK_ORDER]
+    if unknown:
+        raise ConfigError(f"notebooks {', '.join(unknown)}: a study has {', '.join(NOTEBOOK_ORDER)}")
     if resume:
         if not saved.exists():
             raise RunError(f"{out}: no study.json, so no study to resume there")
         started = json.loads(saved.read_text())["params"]
         params = started if params is None else params
         diff = []
-        for name in (n for n in notebooks if results_path(out, n).exists()):  # finished: its values are fixed
+        for name in (n for n in NOTEBOOK_ORDER if results_path(out, n).exists()):  # finished: its values are fixed
             was, now = (check(notebook_params(p, name), name) for p in (started, params))
             diff += [f"{k}: {was[k]!r} in {name}, {now[k]!r} given" for k in was if was[k] != now[k]]
         if diff:
@@ -169,9 +172,10 @@ def run_study(out: str | Path, params: dict | None, notebooks=NOTEBOOK_ORDER, re
         raise RunError(f"{out} already holds a study: pass --resume to continue it or choose another --out")
     elif out.exists() and any(out.iterdir()):
         raise RunError(f"{out} is not empty and holds no study: choose a new or empty --out")
-    check_study(params, notebooks)
+    check_study(params)  # the study's parameters, for all its notebooks: a later --resume of others takes them
+    before = json.loads(saved.read_text())["notebooks"] if resume else []
     out.mkdir(parents=True, exist_ok=True)
-    save_json(saved, {"params": params, "notebooks": list(notebooks)})
+    save_json(saved, {"params": params, "notebooks": [n for n in NOTEBOOK_ORDER if n in {*before, *notebooks}]})
     (out / "FAILED.json").unlink(missing_ok=True)
     for stale in out.glob(".*.input.ipynb"):  # a notebook's input, left by a kill during its run
         stale.unlink()
@@ -186,7 +190,8 @@ def run_study(out: str | Path, params: dict | None, notebooks=NOTEBOOK_ORDER, re
 
 def check_study(params: dict, notebooks=NOTEBOOK_ORDER) -> None:
     """Every parameter known to some notebook and of its type (notebook.check), the presets and block
-    counts (blocks, sweep points) valid: checked before the first notebook, not 15 minutes into a study."""
+    counts (blocks, sweep points) valid: checked before the first notebook, not 15 minutes into a study.
+    run_study checks all notebooks' parameters whichever it runs: they are the study's."""
     from .config import model_config
     from .notebook import check, defaults
 

@@ -187,9 +187,9 @@ def mixing_figure(summaries: dict[str, list[dict]], uniform: dict | None = None)
         for j, (key, label) in enumerate(parts.items()):
             fig.add_bar(x=[r["layer"] + 1 for r in rows], y=[float(np.mean(r[key])) for r in rows], name=label,
                         marker_color=COLOURS[j], legendgroup=key, showlegend=i == 0, row=1, col=i + 1)
-        if uniform:
+        if uniform:  # labelled once (an annotation_text of None would read "new text")
             fig.add_hline(y=uniform["self"] + uniform["same_slice"], line_dash="dot", row=1, col=i + 1,
-                          annotation_text="uniform attention" if i == 0 else None)
+                          **({"annotation_text": "uniform attention"} if i == 0 else {}))
     fig.update_xaxes(title_text="encoder layer", dtick=1)
     fig.update_yaxes(title_text="share of attention", range=[0, 1], col=1)
     fig.update_layout(barmode="stack", height=380, title="Token mixing (mean over heads)"

@@ -120,6 +120,7 @@ def test_seed_summary_means_and_sample_sd_over_seeds():
     assert list(line.x) == [1, 2] and list(line.y) == pytest.approx([0.6, 0.7])
     assert list(line.error_y.array) == pytest.approx([0.1, 0.1]) and line.error_y.visible
     assert "mean over 3 seeds" in fig.layout.title.text
+    assert list(fig.layout.xaxis.tickvals) == [1, 2]  # the block counts swept, not log ticks between them
 
 
 def test_best_layer_rows_keep_the_pooling_apart_over_seeds():

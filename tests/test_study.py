@@ -184,6 +184,30 @@ def test_a_study_never_takes_over_a_folder_nor_changes_a_finished_notebook(tmp_p
     assert json.loads((study / "study.json").read_text())["params"] == {"steps": 20}  # untouched
 
 
+def test_resuming_some_notebooks_keeps_the_study_s_parameters_for_the_others(tmp_path, monkeypatch):
+    """--resume --notebooks 03_patches of a study whose parameters include the sweep's: taken (they are the
+    study's), a finished notebook outside the subset still guards its own, and study.json keeps them all."""
+    import bwssl_core.study as study_module
+
+    ran = []
+    monkeypatch.setattr(study_module, "run_notebook", lambda name, out, params, failure=None: ran.append((name, params)))
+    monkeypatch.setattr("bwssl_core.report.write_report", lambda out: out / "report.html")
+    study = tmp_path / "study"
+    params = {"steps": 20, "seeds": [1], "points": ["cpu:1"]}
+    save_json(study / "study.json", {"params": params, "notebooks": list(NOTEBOOK_ORDER)})
+    save_json(results_path(study, "01_pretrain"), {})  # notebook 01 finished
+    run_study(study, params, ["03_patches"], resume=True)
+    assert [name for name, _ in ran] == ["03_patches"] and "seeds" not in ran[0][1]
+    assert json.loads((study / "study.json").read_text()) == {"params": params, "notebooks": list(NOTEBOOK_ORDER)}
+    with pytest.raises(RunError, match=r"steps: 20 in 01_pretrain, 30 given"):
+        run_study(study, {**params, "steps": 30}, ["03_patches"], resume=True)
+    with pytest.raises(ConfigError, match="sweep seeds"):
+        run_study(study, {**params, "seeds": [-1]}, ["03_patches"], resume=True)
+    with pytest.raises(ConfigError, match="notebooks 05_extra: a study has 01_pretrain"):
+        run_study(study, params, ["05_extra"], resume=True)
+    assert len(ran) == 1
+
+
 def test_a_notebook_opened_in_jupyterlab_works_from_the_repository_root(monkeypatch):
     """JupyterLab starts a kernel in notebooks/: the parameters cell moves it to the repository root, where
     `bwssl study` runs the notebooks, so the same relative paths name the same folders."""

@@ -125,6 +125,9 @@ def test_layer_figures_draw_the_random_init_control(diag):
     np.testing.assert_allclose(traces[1].y, [np.mean(r["temporal_frames"]) for r in rows])
     fig = viz.mixing_figure(summaries)
     assert [a.text for a in fig.layout.annotations] == ["bwssl-k2", name]
+    fig = viz.mixing_figure(summaries, viz.uniform_attention(cfg))  # the uniform line labelled once, no "new text"
+    assert [a.text for a in fig.layout.annotations] == ["bwssl-k2", name, "uniform attention"]
+    assert len(fig.layout.shapes) == 2
     assert viz.layer_results(rows)[0]["entropy_mean"] == pytest.approx(np.mean(rows[0]["entropy"]))
 
 
