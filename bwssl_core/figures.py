@@ -27,7 +27,7 @@ def loss_figure(runs: dict[str, list[dict]]) -> go.Figure:
                             showlegend=all(len(r[0]["loss"]) <= k for r in list(runs.values())[:col - 1] if r),
                             row=1, col=col)
         fig.update_xaxes(title_text="step", row=1, col=col)
-    fig.update_yaxes(type="log")  # the loss falls by 30x in the first hundred steps
+    fig.update_yaxes(type="log", dtick=1)  # the loss falls by 30x in the first hundred steps; ticks by decade
     fig.update_yaxes(title_text="masked reconstruction loss", row=1, col=1)
     fig.update_layout(title="Pretraining loss of each block", height=380)
     return fig
@@ -87,7 +87,7 @@ def change_figure(analysis: dict[str, dict]) -> go.Figure:
             line = line_style(name, i)
             fig.add_scatter(x=list(range(start, start + len(y))), y=y, name=name, mode="lines+markers", line=line,
                             legendgroup=name, showlegend=col == 1, row=1, col=col)
-        fig.update_xaxes(title_text="encoder layer", row=1, col=col)
+        fig.update_xaxes(title_text="encoder layer", dtick=1, row=1, col=col)
     fig.update_layout(title="Representational change across depth", height=360)
     return fig
 
@@ -141,7 +141,7 @@ def attentive_rows(probe: dict[str, dict]) -> list[dict]:
     """The token-level (attentive) probe's top-1 per run, model (trained and the controls) and family,
     at the last of its layers, with the epoch it kept of its budget (chosen on held-out clips: one at the
     budget's end may want more)."""
-    return [{"run": name, "model": m, "family": fam, "layers": str(r["layers"]), "acc": r["acc"][-1],
+    return [{"run": name, "model": CONTROLS.get(m, m), "family": fam, "layers": str(r["layers"]), "acc": r["acc"][-1],
              **({"epoch": f"{r['epoch'][-1]} of {r['epochs'][-1]}"} if "epoch" in r else {})}
             for name, res in probe.items() for m in ("trained", *CONTROLS)
             for fam, r in res[m].get("attentive", {}).items()]
@@ -273,7 +273,7 @@ def number(v: float, digits: int = 3) -> str:
         return str(v)
     if abs(v) >= 100:
         return f"{v:.0f}"
-    return f"{v:.{digits}f}" if abs(v) >= 0.01 or v == 0 else f"{v:.{digits}g}"
+    return f"{v:.{digits}f}" if abs(v) >= 0.01 or v == 0 else f"{v:#.{digits}g}"  # '#': 0.00700, not 0.007
 
 
 def html_table(rows: list[dict], digits: int = 3) -> str:

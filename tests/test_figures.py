@@ -35,7 +35,7 @@ def test_attentive_rows_show_the_kept_epoch_of_the_budget():
     rows = attentive_rows(probe)
     assert rows == [{"run": "e2e", "model": "trained", "family": "motion", "layers": "[-2, -1]", "acc": 0.8,
                      "epoch": "50 of 50"},
-                    {"run": "e2e", "model": "pixels", "family": "motion", "layers": "[0]", "acc": 0.3}]
+                    {"run": "e2e", "model": "raw pixels", "family": "motion", "layers": "[0]", "acc": 0.3}]
 
 
 def test_attentive_curves_mark_the_kept_epoch():
@@ -65,10 +65,10 @@ def test_cka_colours_span_the_values_and_tables_keep_small_differences():
     heat = cka_figure([[1.0, 0.97], [0.963, 0.99]], "t").data[0]
     assert (heat.zmin, heat.zmax) == (0.963, 1) and heat.texttemplate == "%{z:.3f}"
     assert cka_figure([[1.0, 1.0], [1.0, 1.0]], "t").data[0].zmin < 1  # a constant matrix still has a range
-    assert [number(v) for v in (0.00681, 0.007, 0.8165, -0.0104, 446.401, 0.0)] == \
-        ["0.00681", "0.007", "0.817", "-0.010", "446", "0.000"]
+    assert [number(v) for v in (0.00681, 0.007, 0.8165, -0.0104, 446.401, 0.0, 0.00999999)] == \
+        ["0.00681", "0.00700", "0.817", "-0.010", "446", "0.000", "0.0100"]
     table = html_table([{"run": "<k2>", "error": 0.00681}, {"run": "e2e", "error": 0.007}])
-    assert "<td>0.00681</td>" in table and "<td>0.007</td>" in table and "&lt;k2&gt;" in table
+    assert "<td>0.00681</td>" in table and "<td>0.00700</td>" in table and "&lt;k2&gt;" in table
 
 
 def test_change_curves_draw_the_random_init_control_dashed():
@@ -80,6 +80,16 @@ def test_change_curves_draw_the_random_init_control_dashed():
     lines = {t.name: t.line for t in fig.data if t.showlegend}
     assert lines["random init"].dash == "dash" and lines["random init"].color == "grey"
     assert lines["e2e"].dash is None and [t.x for t in fig.data][-1] == (1, 2, 3)  # the rank: every layer
+    assert all(fig.layout[f"xaxis{i or ''}"].dtick == 1 for i in range(4))  # whole layers, not 2.5
+
+
+def test_loss_figure_ticks_by_decade_and_names_each_block_once():
+    from bwssl_core.figures import loss_figure
+
+    rows = lambda k: [{"step": s, "loss": [1.0 / s] * k} for s in (1, 10, 100)]  # noqa: E731
+    fig = loss_figure({"e2e": rows(1), "bwssl-k2": rows(2)})
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.dtick == 1  # 0.01, 0.1, 1: no crowded minor labels
+    assert [t.name for t in fig.data if t.showlegend] == ["block 0", "block 1"]
 
 
 def _table(e2e, k2, rnd, pix=0.3):
