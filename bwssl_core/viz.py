@@ -123,9 +123,9 @@ def _square(fig: go.Figure, row_titles: list[str]) -> None:
     for name in list(fig.layout):
         if name.startswith("yaxis"):
             fig.layout[name].update(autorange="reversed", scaleanchor="x" + name[5:], showticklabels=False,
-                                    constrain="domain")
+                                    constrain="domain", showgrid=False, zeroline=False)
         elif name.startswith("xaxis"):
-            fig.layout[name].update(showticklabels=False, constrain="domain")
+            fig.layout[name].update(showticklabels=False, constrain="domain", showgrid=False, zeroline=False)
 
 
 def _by_layer(fig, summaries, partitions, key, row=1, col=1, legend=True):
@@ -219,7 +219,8 @@ def influence_figure(influence: list[torch.Tensor], clip: torch.Tensor, cfg: Mod
 
 def reconstruction_figure(recs: list[dict], clip: torch.Tensor, mask: Mask, cfg: ModelConfig, run: str) -> go.Figure:
     """Per block: its reconstruction of the clip (first frame of each tube slice) and its error per
-    hidden tube (shared colour scale; visible tubes blank). Top rows: the clip and what was visible."""
+    hidden tube (shared colour scale; visible tubes, not scored, grey: a blank cell on a light background
+    read as the scale's top). Top rows: the clip and what was visible (hidden tubes grey)."""
     T_, H_, W_ = cfg.grid
     t, p = cfg.tubelet_size, cfg.patch_size
     frames = _rgb(clip)
@@ -241,7 +242,8 @@ def reconstruction_figure(recs: list[dict], clip: torch.Tensor, mask: Mask, cfg:
     _square(fig, titles)
     note = "hidden tubes shown with the ground truth's per-patch mean and std re-injected" \
         if recs and recs[0]["reinjected"] else "hidden tubes as predicted, in pixels"
-    fig.update_layout(title=f"{run}: each block's reconstruction<br><sup>{note}</sup>",
+    fig.update_layout(title=f"{run}: each block's reconstruction<br><sup>{note}; error rows: visible tubes grey "
+                            "(not scored)</sup>", plot_bgcolor="rgb(127,127,127)",
                       height=110 * len(titles) + 140, width=max(520, 130 * T_ + 220),
                       coloraxis=dict(colorscale="Magma", colorbar_title="MSE per tube"))
     return fig

@@ -166,6 +166,10 @@ def test_patch_figures_and_results(diag):
     assert "re-injected" in fig.layout.title.text  # the tiny preset predicts normalised tubes
     assert fig.layout.yaxis5.title.text == "block 0 recon"  # row 3, column 1 of T' = 2 columns
     assert fig.layout.yaxis5.scaleanchor == "x5" and fig.layout.yaxis5.autorange == "reversed"
+    assert fig.layout.yaxis5.showgrid is False and fig.layout.xaxis5.showgrid is False  # no lines across the maps
+    errors = [np.array(t.z, dtype=float) for t in fig.data if t.type == "heatmap"]
+    assert any(np.isnan(e).any() for e in errors)  # visible tubes are not scored: drawn on the grey background
+    assert fig.layout.plot_bgcolor == "rgb(127,127,127)" and "visible tubes grey" in fig.layout.title.text
     plain = VideoMAE(model_config("tiny", norm_target=False))
     recs = viz.run_diagnostics(plain, clip, mask)["reconstructions"]
     assert "re-injected" not in viz.reconstruction_figure(recs, clip, mask, cfg, "plain").layout.title.text
