@@ -59,6 +59,29 @@ def self_attention(attn: torch.Tensor) -> torch.Tensor:
     return attn.diagonal(dim1=-2, dim2=-1).double().mean((0, 2)).float()
 
 
+MOVING_SHARE = 0.1  # moving_tubes: the share of a clip's tubes counted as where it moves
+
+
+def moving_tubes(video: torch.Tensor, cfg: ModelConfig, share: float = MOVING_SHARE) -> torch.Tensor:
+    """Where a clip changes: each tube's mean absolute difference from the frame before (over channels,
+    its frames and pixels; the first frame has none), and the top `share` of tubes by it.
+    video (B, C, T, H, W), any scale -> bool (B, L), round(share * L) True per clip (at least 1)."""
+    t, p = cfg.tubelet_size, cfg.patch_size
+    diff = (video[:, :, 1:] - video[:, :, :-1]).abs().float().mean(1)  # (B, T - 1, H, W)
+    diff = torch.nn.functional.pad(diff, (0, 0, 0, 0, 1, 0))  # (B, T, H, W): frame 0 changes by 0
+    energy = torch.nn.functional.avg_pool3d(diff[:, None], (t, p, p)).flatten(1)  # (B, L)
+    k = max(1, round(share * energy.shape[1]))
+    out = torch.zeros_like(energy, dtype=torch.bool)
+    return out.scatter_(1, energy.topk(k, dim=1).indices, True)
+
+
+def attention_to(attn: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The share of each query's attention that goes to the keys marked in `keys` (B, N) bool, averaged
+    over queries and clips, per head: (B, h, N, N) -> (h,). Uniform attention gives the marked share."""
+    marked = keys.to(attn.device, torch.float64)[:, None, None, :]  # (B, 1, 1, N)
+    return (attn.double() * marked).sum(-1).mean((0, 2)).float()
+
+
 def attention_rollout(attns: list[torch.Tensor]) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema 2020) with the residual: per layer the head mean A becomes
     0.5 A + 0.5 I with rows renormalised, and the layers multiply: [(B, h, N, N)] -> (B, N, N).

@@ -86,6 +86,8 @@ def write_report(study: str | Path) -> Path:
         fig(viz.distance_figure(summaries, partitions, uniform))
         fig(viz.mixing_figure(summaries, uniform))
         fig(viz.entropy_figure(summaries, partitions, uniform))  # favours particular tokens, near or not?
+        if summaries and "to_moving" in next(iter(summaries.values()))[0]:  # which: where the clip moves?
+            fig(viz.moving_figure(summaries, partitions, uniform))
         parts.append(figures.html_table([{"run": n, "block": b["block"], "reconstruction error": b["recon_error"],
                                           "influence: effective tubes": b["influence_effective_tubes"]}
                                          for n, r in runs.items() for b in r["blocks"]]))

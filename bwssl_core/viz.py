@@ -13,7 +13,8 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from .attention import attention_entropy, attention_maps, layer_summary, mean_attention_distance, token_positions
+from .attention import MOVING_SHARE, attention_entropy, attention_maps, attention_to, layer_summary, \
+    mean_attention_distance, moving_tubes, token_positions
 from .batches import normalize_video
 from .config import ConfigError, ModelConfig
 from .figures import COLOURS, CONTROLS, line_style
@@ -52,19 +53,23 @@ def uniform_attention(cfg: ModelConfig) -> dict[str, float]:
     L = cfg.num_tokens
     attn = torch.full((1, 1, L, L), 1 / L, dtype=torch.float64)
     spatial, temporal = mean_attention_distance(attn, token_positions(cfg))
+    moving = torch.arange(L)[None] < max(1, round(MOVING_SHARE * L))  # any round(share * L) tokens
     return {"spatial_px": float(spatial[0]), "temporal_frames": float(temporal[0]),
-            "entropy": float(attention_entropy(attn)[0]), **{k: v[0] for k, v in mixing(attn, cfg).items()}}
+            "entropy": float(attention_entropy(attn)[0]), "to_moving": float(attention_to(attn, moving)[0]),
+            **{k: v[0] for k, v in mixing(attn, cfg).items()}}
 
 
 def attention_layers(model: VideoMAE, video: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
     """Attention over all tokens of a normalised video (1, C, T, H, W) and its per-layer metrics, as the
-    layer figures read them: ([(1, h, L, L)] per layer, [layer_summary row + block + mixing shares])."""
+    layer figures read them: ([(1, h, L, L)] per layer, [layer_summary row + block + mixing shares +
+    "to_moving": the share of attention to the tubes where the clip moves most, moving_tubes])."""
     attn = attention_maps(model, video)
     layers = layer_summary(model, video, attns=attn)
+    moving = moving_tubes(video, model.cfg)  # (1, L)
     spans = model.cfg.spans
     for row, a in zip(layers, attn):
         row["block"] = next(k for k, (s, e) in enumerate(spans) if s <= row["layer"] < e)
-        row.update(mixing(a, model.cfg))
+        row.update(mixing(a, model.cfg), to_moving=attention_to(a, moving).tolist())
     return attn, layers
 
 
@@ -165,17 +170,30 @@ def distance_figure(summaries: dict[str, list[dict]], partitions: dict[str, tupl
     return fig
 
 
+def _layer_figure(summaries, partitions, uniform, key: str, title: str, y_title: str) -> go.Figure:
+    """One metric by layer, one line per run, uniform attention's level dotted."""
+    fig = go.Figure()
+    _by_layer(fig, summaries, partitions, key, row=None, col=None)
+    if uniform:
+        fig.add_hline(y=uniform[key], line_dash="dot", annotation_text="uniform attention")
+    fig.update_layout(title=title, xaxis_title="encoder layer", xaxis_dtick=1, yaxis_title=y_title, height=380)
+    return fig
+
+
 def entropy_figure(summaries: dict[str, list[dict]], partitions: dict[str, tuple],
                    uniform: dict | None = None) -> go.Figure:
     """Attention entropy by layer: below the dotted line (uniform attention, uniform_attention) a layer
     favours particular tokens, whether or not they are near."""
-    fig = go.Figure()
-    _by_layer(fig, summaries, partitions, "entropy", row=None, col=None)
-    if uniform:
-        fig.add_hline(y=uniform["entropy"], line_dash="dot", annotation_text="uniform attention")
-    fig.update_layout(title="Attention entropy", xaxis_title="encoder layer", xaxis_dtick=1,
-                      yaxis_title="attention entropy (nats)", height=380)
-    return fig
+    return _layer_figure(summaries, partitions, uniform, "entropy", "Attention entropy", "attention entropy (nats)")
+
+
+def moving_figure(summaries: dict[str, list[dict]], partitions: dict[str, tuple],
+                  uniform: dict | None = None) -> go.Figure:
+    """The share of attention that goes to the tubes where the clip moves most (moving_tubes: the top
+    MOVING_SHARE by frame difference), by layer: above the dotted line a layer seeks out motion."""
+    return _layer_figure(summaries, partitions, uniform, "to_moving",
+                         f"Attention to where the clip moves (the {MOVING_SHARE:.0%} of tubes that change most)",
+                         "share of attention")
 
 
 def mixing_figure(summaries: dict[str, list[dict]], uniform: dict | None = None) -> go.Figure:

@@ -98,6 +98,13 @@ viz.mixing_figure(summaries, uniform)
 viz.entropy_figure(summaries, partitions, uniform)
 
 # %% [markdown]
+# Which tokens, then? The share of attention that goes to the tubes where the clip moves most (the
+# 10% with the largest frame differences): above the dotted line a layer seeks out motion.
+
+# %%
+viz.moving_figure(summaries, partitions, uniform)
+
+# %% [markdown]
 # ## Patch influence on each block's pooled representation
 
 # %%

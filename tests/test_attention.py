@@ -76,3 +76,27 @@ def test_layer_summary_on_a_model_with_and_without_mask(tiny, clips):
     mask = tube_mask(4, model.cfg.grid, 0.75, torch.Generator().manual_seed(0))
     masked = layer_summary(model, video, mask)
     assert masked[0]["entropy"][0] < rows[0]["entropy"][0]  # fewer tokens to spread over
+
+
+def test_moving_tubes_find_where_the_clip_changes_and_attention_to_them(tiny):
+    """A bright square that moves right across the clip beside one that stands still: the four tubes the
+    moving one enters or leaves are found, never the still one's; attention to them is their share of
+    each query's row."""
+    from bwssl_core.attention import attention_to, moving_tubes
+
+    cfg = tiny()  # grid (2, 4, 4), tubelet 2 x 8 x 8: 32 tubes
+    video = torch.zeros(1, 3, 4, 32, 32)
+    video[:, :, :, 0:8, 0:8] = 1.0  # standing still in tube row 0, column 0
+    for f in range(1, 4):
+        video[:, :, f, 24:32, 8 * f:8 * f + 8] = 1.0  # row 3, column f in frame f
+    moving = moving_tubes(video, cfg, share=4 / 32)
+    expected = torch.zeros(2, 4, 4, dtype=torch.bool)
+    expected[0, 3, 1] = expected[1, 3, 1] = expected[1, 3, 2] = expected[1, 3, 3] = True  # (slice, row, col)
+    assert torch.equal(moving.view(2, 4, 4), expected)
+    assert moving_tubes(video, cfg).sum() == 3  # the default share: round(0.1 * 32) tubes
+    uniform = torch.full((1, 2, 32, 32), 1 / 32)
+    assert attention_to(uniform, moving).tolist() == [4 / 32] * 2
+    onehot = torch.zeros(1, 2, 32, 32)
+    onehot[:, 0, :, 16 + 3 * 4 + 2] = 1.0  # head 0 looks only at a moving tube, head 1 at the still square
+    onehot[:, 1, :, 0] = 1.0
+    assert attention_to(onehot, moving).tolist() == [1.0, 0.0]

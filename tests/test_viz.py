@@ -101,6 +101,9 @@ def test_layer_figures(diag):
     assert fig.layout.yaxis.title.text == "attention entropy (nats)"
     assert fig.layout.shapes[-1].y0 == pytest.approx(math.log(cfg.num_tokens))
     assert all(0 < y <= math.log(cfg.num_tokens) + 1e-6 for t in fig.data for y in t.y)
+    fig = viz.moving_figure(summaries, partitions, viz.uniform_attention(cfg))
+    assert fig.layout.shapes[-1].y0 == pytest.approx(3 / 32) and "moves" in fig.layout.title.text
+    assert all(0 <= y <= 1 for t in fig.data for y in t.y)
     fig = viz.mixing_figure(summaries)
     assert fig.layout.barmode == "stack" and len(fig.data) == 6
     total = sum(np.array(t.y) for t in fig.data[:3])
@@ -137,6 +140,7 @@ def test_uniform_attention_by_hand(tiny):
     u = viz.uniform_attention(tiny())
     assert u["temporal_frames"] == pytest.approx(1.0) and u["entropy"] == pytest.approx(math.log(32))
     assert (u["self"], u["same_slice"], u["other_slices"]) == pytest.approx((1 / 32, 15 / 32, 0.5))
+    assert u["to_moving"] == pytest.approx(3 / 32)  # round(10% of 32) tubes count as moving
     pos = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).flatten(0, 1) * 8
     assert u["spatial_px"] == pytest.approx(float(torch.cdist(pos, pos).mean()), rel=1e-5)
 
