@@ -62,6 +62,11 @@ def self_attention(attn: torch.Tensor) -> torch.Tensor:
 MOVING_SHARE = 0.1  # moving_tubes: the share of a clip's tubes counted as where it moves
 
 
+def moving_count(num_tokens: int, share: float = MOVING_SHARE) -> int:
+    """How many of a clip's tubes moving_tubes marks: round(share * L), at least 1."""
+    return max(1, round(share * num_tokens))
+
+
 def moving_tubes(video: torch.Tensor, cfg: ModelConfig, share: float = MOVING_SHARE) -> torch.Tensor:
     """Where a clip changes: each tube's mean absolute difference from the frame before (over channels,
     its frames and pixels; the first frame has none), and the top `share` of tubes by it.
@@ -70,9 +75,8 @@ def moving_tubes(video: torch.Tensor, cfg: ModelConfig, share: float = MOVING_SH
     diff = (video[:, :, 1:] - video[:, :, :-1]).abs().float().mean(1)  # (B, T - 1, H, W)
     diff = torch.nn.functional.pad(diff, (0, 0, 0, 0, 1, 0))  # (B, T, H, W): frame 0 changes by 0
     energy = torch.nn.functional.avg_pool3d(diff[:, None], (t, p, p)).flatten(1)  # (B, L)
-    k = max(1, round(share * energy.shape[1]))
     out = torch.zeros_like(energy, dtype=torch.bool)
-    return out.scatter_(1, energy.topk(k, dim=1).indices, True)
+    return out.scatter_(1, energy.topk(moving_count(energy.shape[1], share), dim=1).indices, True)
 
 
 def attention_to(attn: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

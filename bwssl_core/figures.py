@@ -174,9 +174,12 @@ def attentive_curve_figure(probe: dict[str, dict]) -> go.Figure:
     return fig
 
 
-def _leads(row: dict, value: float, trained: bool, e2e: str | None, others: dict) -> dict:
-    """A run's lead over the random-init control and over E2E (the point's K = 1 run), both of its seed;
-    "" where it has none (a control, E2E itself, a point without E2E)."""
+def _leads(row: dict, value: float, blocks: dict[str, int], others: dict) -> dict:
+    """A run's lead over the random-init control and over E2E (the point's K = 1 run), both of its seed
+    (`others`: {model: value} of the same family and pooling); "" where it has none (a control, E2E
+    itself, a point without E2E)."""
+    trained = row["model"] in blocks
+    e2e = next((name for name, k in blocks.items() if k == 1), None)
     row["vs random init"] = value - others[CONTROLS["random_init"]] if trained else ""
     row["vs E2E"] = value - others[e2e] if trained and e2e and row["model"] != e2e else ""
     return row
@@ -186,31 +189,22 @@ def sweep_rows(table: list[dict], preset: str, blocks: dict[str, int], seed: int
     """One sweep point's rows from its final table (notebook 02): each run in `blocks` ({run: K}) and both
     controls of the preset's architecture, last layer, with a run's lead over the random-init control and
     over E2E (the point's K = 1 run) on the same family, both of the same seed."""
-    e2e = next((name for name, k in blocks.items() if k == 1), None)
-    rows = []
+    by_family: dict[str, dict] = {}
     for r in table:
-        trained = r["model"] in blocks
-        if not trained and r["model"] not in CONTROLS.values():
-            continue
-        others = {x["model"]: x["linear"] for x in table if x["family"] == r["family"]}
-        rows.append(_leads({"preset": preset, "seed": seed, "model": r["model"], "blocks": blocks.get(r["model"], ""),
-                            "family": r["family"], "linear": r["linear"], "R@1": r["R@1"]},
-                           r["linear"], trained, e2e, others))
-    return rows
+        by_family.setdefault(r["family"], {})[r["model"]] = r["linear"]
+    return [_leads({"preset": preset, "seed": seed, "model": r["model"], "blocks": blocks.get(r["model"], ""),
+                    "family": r["family"], "linear": r["linear"], "R@1": r["R@1"]},
+                   r["linear"], blocks, by_family[r["family"]])
+            for r in table if r["model"] in blocks or r["model"] in CONTROLS.values()]
 
 
 def sweep_best_rows(best: list[dict], preset: str, blocks: dict[str, int], seed: int) -> list[dict]:
     """The same from a point's best_layers (notebook 02): per family and pooling the best layer's top-1 of
     every run and control (where the CPU study's learning shows: temporal slices, not the last layer's
     mean), with the leads of sweep_rows."""
-    e2e = next((name for name, k in blocks.items() if k == 1), None)
-    rows = []
-    for r in best:
-        for model in [*blocks, *CONTROLS.values()]:
-            rows.append(_leads({"preset": preset, "seed": seed, "model": model, "blocks": blocks.get(model, ""),
-                                "family": r["family"], "pooling": r["pooling"], "best layer": r[model]},
-                               r[model], model in blocks, e2e, r))
-    return rows
+    return [_leads({"preset": preset, "seed": seed, "model": model, "blocks": blocks.get(model, ""),
+                    "family": r["family"], "pooling": r["pooling"], "best layer": r[model]}, r[model], blocks, r)
+            for r in best for model in [*blocks, *CONTROLS.values()]]
 
 
 MEASURES = ("linear", "R@1", "best layer", "vs random init", "vs E2E")  # what seed_summary averages

@@ -188,27 +188,25 @@ def run_study(out: str | Path, params: dict | None, notebooks=NOTEBOOK_ORDER, re
     return out
 
 
-def check_study(params: dict, notebooks=NOTEBOOK_ORDER) -> None:
+def check_study(params: dict) -> None:
     """Every parameter known to some notebook and of its type (notebook.check), the presets and block
     counts (blocks, sweep points) valid: checked before the first notebook, not 15 minutes into a study.
-    run_study checks all notebooks' parameters whichever it runs: they are the study's."""
+    All notebooks' parameters, whichever run_study runs: they are the study's."""
     from .config import model_config
     from .notebook import check, defaults
 
-    all_names = {k for name in notebooks for k in defaults(name)}
+    all_names = {k for name in NOTEBOOK_ORDER for k in defaults(name)}
     unknown = sorted(set(params) - all_names)
     if unknown:
         raise ConfigError(f"unknown study parameter(s) {', '.join(unknown)} (the notebooks take "
                           f"{', '.join(sorted(all_names))})")
-    full = {name: check(notebook_params(params, name), name) for name in notebooks}
-    if "01_pretrain" in full:
-        for k in full["01_pretrain"]["blocks"]:
-            model_config(full["01_pretrain"]["preset"], blocks=k)
-    if "04_sweep" in full:
-        for preset, ks in sweep_points(full["04_sweep"]["points"]).items():
-            for k in ks:
-                model_config(preset, blocks=k)
-        sweep_seeds(full["04_sweep"]["seeds"], 0)
+    full = {name: check(notebook_params(params, name), name) for name in NOTEBOOK_ORDER}
+    for k in full["01_pretrain"]["blocks"]:
+        model_config(full["01_pretrain"]["preset"], blocks=k)
+    for preset, ks in sweep_points(full["04_sweep"]["points"]).items():
+        for k in ks:
+            model_config(preset, blocks=k)
+    sweep_seeds(full["04_sweep"]["seeds"], 0)
 
 
 def notebook_params(params: dict, name: str) -> dict:

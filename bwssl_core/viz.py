@@ -14,7 +14,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from .attention import MOVING_SHARE, attention_entropy, attention_maps, attention_to, layer_summary, \
-    mean_attention_distance, moving_tubes, token_positions
+    mean_attention_distance, moving_count, moving_tubes, token_positions
 from .batches import normalize_video
 from .config import ConfigError, ModelConfig
 from .figures import COLOURS, CONTROLS, line_style
@@ -53,7 +53,7 @@ def uniform_attention(cfg: ModelConfig) -> dict[str, float]:
     L = cfg.num_tokens
     attn = torch.full((1, 1, L, L), 1 / L, dtype=torch.float64)
     spatial, temporal = mean_attention_distance(attn, token_positions(cfg))
-    moving = torch.arange(L)[None] < max(1, round(MOVING_SHARE * L))  # any round(share * L) tokens
+    moving = torch.arange(L)[None] < moving_count(L)  # as many tokens as moving_tubes marks
     return {"spatial_px": float(spatial[0]), "temporal_frames": float(temporal[0]),
             "entropy": float(attention_entropy(attn)[0]), "to_moving": float(attention_to(attn, moving)[0]),
             **{k: v[0] for k, v in mixing(attn, cfg).items()}}
@@ -92,8 +92,8 @@ def run_diagnostics(model: VideoMAE, clip: torch.Tensor, mask: Mask, influence_m
     device = model.pixel_mean.device
     video = normalize_video(clip[None].to(device))  # (1, C, T, H, W)
     attn, layers = attention_layers(model, video)
-    spans = model.cfg.spans
-    influence = [INFLUENCE[influence_method](model, video, k)[0].detach().cpu() for k in range(len(spans))]
+    blocks = range(len(model.cfg.spans))
+    influence = [INFLUENCE[influence_method](model, video, k)[0].detach().cpu() for k in blocks]
     recs = reconstructions(model, video, Mask(mask.ids_keep.to(device), mask.ids_mask.to(device)))
     return {"attn": [a[0].cpu() for a in attn], "layers": layers, "influence": influence,
             "reconstructions": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()} for r in recs]}
