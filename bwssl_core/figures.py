@@ -270,12 +270,13 @@ def number(v: float, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if abs(v) >= 0.01 or v == 0 else f"{v:#.{digits}g}"  # '#': 0.00700, not 0.007
 
 
-def html_table(rows: list[dict], digits: int = 3) -> str:
-    """A plain HTML table of dict rows (floats as number() writes them)."""
+def html_table(rows: list[dict], digits: int = 3, text: bool = False) -> str:
+    """A plain HTML table of dict rows (floats as number() writes them); `text`: cells aligned left, for
+    sentences rather than numbers."""
     if not rows:
         return "<p>(no rows)</p>"
     cols = list(rows[0])
     fmt = lambda v: number(v, digits) if isinstance(v, float) else html.escape(str(v))  # noqa: E731
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table class='results'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table class='results{' text' if text else ''}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

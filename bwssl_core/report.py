@@ -7,18 +7,43 @@ import json
 import time
 from pathlib import Path
 
-from . import figures, viz
+from . import claims, figures, viz
 from .io import RunError, save_text
-from .study import NOTEBOOK_ORDER, metrics, results_path, run_dir
+from .study import NOTEBOOK_ORDER, metrics, point_path, results_path, run_dir
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table.results{border-collapse:collapse;margin:1em 0}table.results td,table.results th{border:1px solid #ccc;
-padding:3px 8px;text-align:right}table.results th{background:#f3f3f3}h2{border-bottom:1px solid #ddd}"""
+padding:3px 8px;text-align:right}table.results th{background:#f3f3f3}
+table.text td,table.text th{text-align:left}h2{border-bottom:1px solid #ddd}"""
 
 
 def _load(study: Path, name: str) -> dict | None:
     path = results_path(study, name)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _claims(study: Path, probe: dict, patches: dict | None, pre: dict | None, sweep: dict | None) -> dict | None:
+    """claims.summary from notebook 02's results, with notebook 03's attention rows and the sweep's seeds of the
+    main study's preset where the study has them."""
+    n = probe.get("val_clips") or next((a["clips"] for a in probe.get("analysis", {}).values()), None)
+    if n is None or not probe.get("analysis"):
+        return None  # results of an older study: no clip count to judge the noise by
+    attention, uniform = None, None
+    if patches:
+        attention = {name: r["layers"] for name, r in patches["runs"].items()}
+        attention.update({figures.CONTROLS[k]: rows for k, rows in patches.get("controls", {}).items()})
+        uniform = patches.get("uniform_attention")
+    preset = (pre or {}).get("parameters", {}).get("preset")
+    seeds = [r for r in (sweep or {}).get("best_rows", []) if r["preset"] == preset]
+    said = claims.summary(probe["probe"], probe["analysis"], probe["reference"], n, attention, uniform, seeds)
+    per_seed = {(pre or {}).get("parameters", {}).get("seed", 0): said}
+    for seed in (sweep or {}).get("seeds", [])[1:]:  # the first is the main study's own
+        other = _load(point_path(study, preset, seed), "02_probe")
+        if other and other.get("analysis"):
+            per_seed[seed] = claims.summary(other["probe"], other["analysis"], other["reference"], n)
+    if said and len(per_seed) > 1 and all(per_seed.values()):
+        said["lines"] = sorted(said["lines"] + claims.over_seeds(per_seed), key=lambda line: line["claim"][:2])
+    return said
 
 
 def write_report(study: str | Path) -> Path:
@@ -40,7 +65,16 @@ def write_report(study: str | Path) -> Path:
                  "(each executed notebook shows all of its parameters)</p>")
     parts.append("<p>Executed notebooks: " + ", ".join(
         f"<a href='{n}.ipynb'>{n}</a>" for n in NOTEBOOK_ORDER if (study / f"{n}.ipynb").exists()) + "</p>")
-    pre = _load(study, "01_pretrain")
+    pre, patches, sweep = (_load(study, name) for name in ("01_pretrain", "03_patches", "04_sweep"))
+    said = _claims(study, probe, patches, pre, sweep)
+    if said:
+        parts.append("<h2>The paper's claims on this data</h2><p>Each claim, the measure that tests it here, and "
+                     f"what the numbers say. A probe difference counts only beyond {claims.Z:g} standard errors of "
+                     f"the {said['val_clips']} validation clips' sampling: the noise of the clips, not of training (the "
+                     "sweep's seeds measure that); the change and attention measures give a direction only.</p>"
+                     + figures.html_table(said["lines"], text=True) + "<details><summary>The measures, family by family and "
+                     "model by model</summary>" + "".join(f"<h4>{html.escape(title)}</h4>" + figures.html_table(said[k])
+                                                         for k, title in claims.TABLES.items()) + "</details>")
     if pre:
         parts.append("<h2>Pretraining</h2>" + figures.html_table(
             [{"run": n, **{k: v for k, v in r.items() if k not in ("loss", "recon_error")},
@@ -71,7 +105,6 @@ def write_report(study: str | Path) -> Path:
             if "cka_across" in a:
                 fig(figures.cka_figure(a["cka_across"], f"CKA across: {name} (rows) vs {probe['reference']}",
                                        rows=f"{name} layer", cols=f"{probe['reference']} layer"))
-    patches = _load(study, "03_patches")
     if patches:
         runs = patches["runs"]
         summaries, partitions = {n: r["layers"] for n, r in runs.items()}, {n: r["partition"] for n, r in runs.items()}
@@ -91,7 +124,6 @@ def write_report(study: str | Path) -> Path:
         parts.append(figures.html_table([{"run": n, "block": b["block"], "reconstruction error": b["recon_error"],
                                           "influence: effective tubes": b["influence_effective_tubes"]}
                                          for n, r in runs.items() for b in r["blocks"]]))
-    sweep = _load(study, "04_sweep")
     if sweep:
         summary = sweep.get("summary", sweep["rows"])  # the mean (and sd) over seeds where there are several
         parts.append("<h2>Sweep</h2>" + figures.html_table(summary))

@@ -251,11 +251,16 @@ def main_probe(study: str | Path, names: list[str]) -> Path | None:
     return path if set(names) <= set(probed) else None
 
 
-def point_folder(study: str | Path, preset: str, reuse: list[str], seed: int | None = None) -> Path:
+def point_path(study: str | Path, preset: str, seed: int | None = None) -> Path:
     """The study folder of a sweep's preset: study/sweep/<preset>/, or <preset>-seed<seed>/ for a training
-    seed other than the main study's. Runs named in `reuse` (those of the main study, trained with the
-    same parameters) are linked in, not trained again."""
-    folder = Path(study) / "sweep" / (preset if seed is None else f"{preset}-seed{seed}")
+    seed other than the main study's."""
+    return Path(study) / "sweep" / (preset if seed is None else f"{preset}-seed{seed}")
+
+
+def point_folder(study: str | Path, preset: str, reuse: list[str], seed: int | None = None) -> Path:
+    """point_path, made; runs named in `reuse` (those of the main study, trained with the same parameters)
+    are linked in, not trained again."""
+    folder = point_path(study, preset, seed)
     (folder / "runs").mkdir(parents=True, exist_ok=True)
     for name in reuse:
         link = folder / "runs" / name

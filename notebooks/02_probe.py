@@ -30,7 +30,7 @@ import time
 
 import plotly.io as pio
 
-from bwssl_core import figures, notebook, viz
+from bwssl_core import claims, figures, notebook, viz
 from bwssl_core.analyze import analyze
 from bwssl_core.evaluate import depthwise, load_split, random_init
 from bwssl_core.figures import (attentive_curve_figure, attentive_rows, best_gain, best_layers, change_figure,
@@ -129,8 +129,22 @@ display(HTML(html_table(table)))
 display(HTML(html_table([{"run": n, **g} for n, g in gains.items()])))
 display(HTML(html_table(layers)))
 
+# %% [markdown]
+# ## The paper's claims on this data
+# Each claim, the measure that tests it here, and what the numbers say, run by run against the reference
+# (`bwssl_core.claims`). A probe difference counts only beyond twice the validation clips' sampling error: the
+# noise of the clips, not of training (notebook 04's seeds measure that); the change measures give a direction
+# only. Claim 4's attention comes from notebook 03: the report has it.
+
+# %%
+said = claims.summary(probe, analysis, reference, len(val[0]))  # None: no reference run, or nothing beside it
+if said:
+    display(HTML(html_table(said["lines"], text=True)))
+    for key, title in claims.TABLES.items():
+        display(HTML(f"<h4>{title}</h4>" + html_table(said[key])))
+
 # %%
 save_json(results_path(study, "02_probe"), {"notebook": "02_probe", "parameters": P, "poolings": poolings,
-                                            "reference": reference, "probe": probe, "analysis": analysis,
-                                            "table": table, "best_gain": gains, "best_layers": layers,
-                                            "seconds": seconds})
+                                            "val_clips": len(val[0]), "reference": reference, "probe": probe,
+                                            "analysis": analysis, "table": table, "best_gain": gains,
+                                            "best_layers": layers, "seconds": seconds})

@@ -58,6 +58,8 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     assert {r["pooling"] for r in motion} == {*probe["poolings"], "attentive"}
     assert {"e2e", "bwssl-k2", "random init", "raw pixels", "margin"} <= set(motion[0])
     assert "Best layer of every run against both controls" in report
+    claims = report.split("The paper's claims on this data")[1].split("Pretraining")[0]  # read off the results
+    assert probe["val_clips"] > 0 and "1. BWSSL gets close to E2E" in claims and "4. stronger early mixing" in claims
     control = probe["analysis"]["random init"]  # the change curves and the CKA against E2E carry the control
     assert len(control["cka_across"]) == len(probe["analysis"]["e2e"]["cka_within"])
     assert "CKA across: random init" in report

@@ -1,0 +1,149 @@
+"""The paper's claims read off results: the noise rule, the decodability onset, the halves of depth."""
+import math
+
+import pytest
+
+from bwssl_core import claims
+
+
+def _probe(curves: dict[str, dict], random: dict, attentive: dict | None = None) -> dict:
+    """Depthwise probe results of several runs from {run: {(pooling, family): [top-1 per layer]}}, all runs
+    sharing the random-init control `random` ({(pooling, family): [...]})."""
+    def nest(flat):
+        out = {}
+        for (pool, fam), acc in flat.items():
+            out.setdefault(pool, {})[fam] = {"acc": acc}
+        return out
+    return {name: {"trained": {**nest(c), **({"attentive": attentive[name]} if attentive else {})},
+                   "random_init": nest(random), "pixels": {}} for name, c in curves.items()}
+
+
+def test_a_difference_counts_only_beyond_twice_the_sampling_error():
+    assert claims.sampling_error(0.5, 100) == pytest.approx(0.05)
+    noise = 2 * math.hypot(claims.sampling_error(0.8, 500), claims.sampling_error(0.7, 500))  # 0.0543
+    assert claims.compare(0.8, 0.7, 500) == "ahead" and claims.compare(0.7, 0.8, 500) == "behind"
+    assert claims.compare(0.7 + noise * 0.9, 0.7, 500) == "within noise"  # about 0.049 above: not beyond
+    assert claims.compare(0.8, 0.7, 50) == "within noise"  # the same gap on 50 clips is noise
+
+
+def test_close_rows_compare_each_best_layer_with_e2e():
+    probe = _probe({"e2e": {("mean", "motion"): [0.3, 0.6, 0.5], ("mean", "shape"): [0.9, 0.9, 0.9]},
+                    "k2": {("mean", "motion"): [0.4, 0.5, 0.8], ("mean", "shape"): [0.5, 0.6, 0.7]}},
+                   {("mean", "motion"): [0.2, 0.2, 0.2], ("mean", "shape"): [0.3, 0.3, 0.3]})
+    rows = {r["family"]: r for r in claims.close_rows(probe, "e2e", 500)}
+    assert set(rows) == {"motion", "shape"} and all(r["run"] == "k2" for r in rows.values())
+    assert rows["motion"]["E2E"] == 0.6 and rows["motion"]["BWSSL"] == 0.8  # best layers, not the last
+    assert rows["motion"]["difference"] == pytest.approx(0.2) and rows["motion"]["BWSSL is"] == "ahead"
+    assert rows["shape"]["BWSSL is"] == "behind"
+
+
+def test_onset_is_the_first_layer_reaching_a_level_shared_by_the_runs():
+    assert claims.onset([0.1, 0.5, 0.4, 0.9], 0.45) == 2 and claims.onset([0.1, 0.2], 0.5) is None
+    probe = _probe({"e2e": {("slices", "motion"): [0.3, 0.4, 0.7, 0.9], ("slices", "colour"): [0.9, 0.9, 0.9, 0.9],
+                            ("slices", "speed"): [0.3, 0.4, 0.5, 0.55]},
+                    "k2": {("slices", "motion"): [0.7, 0.8, 0.8, 0.8], ("slices", "colour"): [0.9, 0.9, 0.9, 0.9],
+                           ("slices", "speed"): [0.3, 0.35, 0.4, 0.4]}},
+                   {("slices", "motion"): [0.2, 0.3, 0.3, 0.3], ("slices", "colour"): [0.9, 0.9, 0.9, 0.9],
+                    ("slices", "speed"): [0.3, 0.3, 0.3, 0.3]})
+    rows = {r["family"]: r for r in claims.earlier_rows(probe, "e2e", 500)}
+    assert "colour" not in rows  # no learned gain over random init: no onset to compare
+    motion = rows["motion"]  # level 0.3 + 0.5 * (0.9 - 0.3) = 0.6: E2E at layer 3, K2 at layer 1
+    assert motion["level"] == pytest.approx(0.6)
+    assert (motion["E2E layer"], motion["BWSSL layer"], motion["BWSSL is"]) == (3, 1, "earlier")
+    speed = rows["speed"]  # level 0.425: E2E at layer 3, K2 never (counted past the last layer)
+    assert (speed["E2E layer"], speed["BWSSL layer"], speed["BWSSL is"]) == (3, "never", "later")
+
+
+def test_saturation_compares_the_two_halves_of_depth():
+    assert claims.halves([1.0, 2.0, 3.0], 2, 4) == (1.0, 2.5)  # layers 2 | 3, 4
+    early, late = claims.halves([1.0] * 5 + [3.0] * 6, 2, 12)  # layers 2-6 | 7-12
+    assert (early, late) == (1.0, 3.0)
+    analysis = {"e2e": {"layers": 4, "token_relative_change": [0.6, 0.4, 0.2], "knn_overlap": [0.8, 0.85, 0.95],
+                        "consecutive_cka": [0.9, 0.95, 0.99]}}
+    row = claims.saturate_rows(analysis)[0]
+    assert row["change, first half"] == 0.6 and row["change, second half"] == pytest.approx(0.3)
+    assert row["second / first"] == pytest.approx(0.5) and row["kNN overlap, second half"] == pytest.approx(0.9)
+
+
+def test_the_summary_says_what_each_claim_shows_run_by_run():
+    curves = {("mean", "motion"): [0.3, 0.4, 0.5, 0.6]}
+    attentive = {n: {"motion": {"layers": [-1], "acc": [a]}} for n, a in (("e2e", 0.9), ("k2", 0.62))}
+    probe = _probe({"e2e": curves, "k2": {("mean", "motion"): [0.6, 0.6, 0.6, 0.6]}}, {("mean", "motion"): [0.2] * 4},
+                   attentive)
+    change = {"layers": 4, "token_relative_change": [0.6, 0.4, 0.2], "pooled_relative_change": [0.5, 0.4, 0.2],
+              "knn_overlap": [0.8, 0.85, 0.95], "consecutive_cka": [0.9, 0.95, 0.99]}
+    analysis = {"e2e": change, "k2": {**change, "token_relative_change": [0.3, 0.6, 0.6]}, "random init": change}
+    layers = lambda entropy: [{"entropy_mean": e, "spatial_px_mean": 30.0, "temporal_frames_mean": 5.0,  # noqa: E731
+                               "self_mean": 0.01} for e in entropy]
+    attention = {"e2e": layers([5.0, 5.2, 5.9, 5.9]), "k2": layers([5.8, 5.8, 5.0, 5.0]), "random init": layers([6.0] * 4)}
+    uniform = {"entropy": 6.1, "spatial_px": 33.0, "temporal_frames": 5.25, "self": 0.002}
+    said = claims.summary(probe, analysis, "e2e", 500, attention, uniform)
+    lines = {line["claim"]: line["what the numbers say"] for line in said["lines"]}
+    assert all(line["run"] == "k2" for line in said["lines"])
+    assert lines["1. BWSSL gets close to E2E"] == "0 ahead, 1 within noise, 1 behind (of 2)"  # mean; attentive
+    assert lines["2. information is decodable earlier"].startswith("1 earlier, 0 same, 0 later")  # layer 1 against 2
+    assert "2.00 (E2E 0.50, random init 0.50)" in lines["3. late blocks saturate"]
+    assert "change more than E2E's" in lines["3. late blocks saturate"]
+    assert "0.300 nats (E2E 1.000, random init 0.100)" in lines["4. stronger early mixing"]  # first half: 2 layers
+    assert "more spread than E2E's" in lines["4. stronger early mixing"]
+    assert "layer 4" in said["lines"][-1]["measure"] and "0.620 against 0.600" in said["lines"][-1]["what the numbers say"]
+    mixing = {r["model"]: r for r in said["mixing"]}
+    assert mixing["e2e"]["token - pooled change, first half"] == pytest.approx(0.1)
+    assert mixing["e2e"]["attentive - mean pooling (motion)"] == pytest.approx(0.3)
+    assert mixing["uniform attention"]["entropy (nats), first half"] == 6.1
+    assert claims.summary({"e2e": probe["e2e"]}, analysis, "e2e", 500) is None  # nothing to compare
+
+
+def test_over_seeds_a_lead_counts_when_it_has_one_sign_on_every_seed():
+    def row(seed, model, family, lead):
+        return {"preset": "cpu", "seed": seed, "model": model, "blocks": 2 if model == "k2" else 1, "family": family,
+                "pooling": "mean", "best layer": 0.5, "vs random init": 0.1, "vs E2E": lead}
+    best = [row(s, "e2e", f, "") for s in range(3) for f in ("motion", "shape")]
+    best += [row(s, "k2", "motion", lead) for s, lead in enumerate([0.01, 0.03, 0.02])]
+    best += [row(s, "k2", "shape", lead) for s, lead in enumerate([0.05, -0.01, 0.02])]
+    best.append(row(0, "k4", "motion", 0.1))  # one seed only: nothing to say over seeds
+    rows = {r["family"]: r for r in claims.seed_rows(best)}
+    assert set(rows) == {"motion", "shape"} and rows["motion"]["seeds"] == 3
+    assert rows["motion"]["vs E2E"] == pytest.approx(0.02) and rows["motion"]["sd"] == pytest.approx(0.01)
+    assert rows["motion"]["BWSSL is"] == "ahead on every seed" and rows["shape"]["BWSSL is"] == "mixed"
+
+
+def test_claims_2_and_3_over_seeds_count_every_seed_of_the_runs_they_all_have():
+    def seed(k2_motion, k2_change):
+        probe = _probe({"e2e": {("mean", "motion"): [0.2, 0.6, 0.8]}, "k2": {("mean", "motion"): k2_motion}},
+                       {("mean", "motion"): [0.2, 0.2, 0.2]})
+        change = {"layers": 4, "token_relative_change": [0.6, 0.3, 0.3], "pooled_relative_change": [0.6, 0.3, 0.3],
+                  "knn_overlap": [0.9] * 3, "consecutive_cka": [0.99] * 3}
+        return claims.summary(probe, {"e2e": change, "k2": {**change, "token_relative_change": k2_change}}, "e2e", 500)
+    said = {0: seed([0.6, 0.8, 0.8], [0.5, 0.6, 0.6]), 3: seed([0.2, 0.2, 0.8], [0.5, 0.4, 0.4])}
+    lines = {line["claim"]: line for line in claims.over_seeds(said)}
+    assert lines["2. information is decodable earlier, over seeds"]["what the numbers say"] == \
+        "1 earlier, 0 same, 1 later (of 2)"  # level 0.5: K2 at layer 1 on seed 0, layer 3 on seed 3; E2E layer 2
+    saturate = lines["3. late blocks saturate, over seeds"]
+    assert "seeds 0, 3" in saturate["measure"]
+    assert saturate["what the numbers say"] == "1.20, 0.80 (E2E 0.50, 0.50): BWSSL's late layers change more " \
+                                               "than E2E's on 2 of 2 seeds"
+    said[3]["close"] = [{**r, "run": "k4"} for r in said[3]["close"]]  # another run on seed 3: none in common
+    assert claims.over_seeds(said) == []
+
+
+def test_the_report_reads_each_seed_of_the_main_preset_from_the_sweep(tmp_path):
+    from bwssl_core.io import save_json
+    from bwssl_core.report import _claims
+    from bwssl_core.study import point_path, results_path
+
+    change = {"layers": 4, "clips": 500, "token_relative_change": [0.6, 0.3, 0.3],
+              "pooled_relative_change": [0.6, 0.3, 0.3], "knn_overlap": [0.9] * 3, "consecutive_cka": [0.99] * 3}
+    results = {"probe": _probe({"e2e": {("mean", "motion"): [0.2, 0.6, 0.8]}, "k2": {("mean", "motion"): [0.6] * 3}},
+                               {("mean", "motion"): [0.2] * 3}),
+               "analysis": {"e2e": change, "k2": {**change, "token_relative_change": [0.3, 0.6, 0.6]}},
+               "reference": "e2e"}
+    save_json(results_path(point_path(tmp_path, "cpu", 7), "02_probe"), results)
+    pre, sweep = {"parameters": {"preset": "cpu", "seed": 0}}, {"seeds": [0, 7], "best_rows": []}
+    said = _claims(tmp_path, results, None, pre, sweep)  # no val_clips: the analysis' clip count
+    assert said["val_clips"] == 500
+    over = [line for line in said["lines"] if "over seeds" in line["claim"]]
+    assert [line["claim"][:2] for line in said["lines"]] == sorted(line["claim"][:2] for line in said["lines"])
+    assert len(over) == 2 and all("seeds 0, 7" in line["measure"] for line in over)
+    assert _claims(tmp_path, results, None, {"parameters": {"preset": "tiny", "seed": 0}}, sweep)["lines"] == \
+        [line for line in said["lines"] if line not in over]  # another preset's sweep: no seeds to read
