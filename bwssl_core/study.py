@@ -201,11 +201,20 @@ def check_study(params: dict) -> None:
         raise ConfigError(f"unknown study parameter(s) {', '.join(unknown)} (the notebooks take "
                           f"{', '.join(sorted(all_names))})")
     full = {name: check(notebook_params(params, name), name) for name in NOTEBOOK_ORDER}
+    main, depth = full["01_pretrain"]["preset"], full["01_pretrain"]["depth"]
+
+    def fits(preset: str, k: int, what: str) -> None:
+        own = {"depth": depth} if depth and preset == main else {}  # notebook 01's depth: its preset's points
+        try:
+            model_config(preset, blocks=k, **own)
+        except ConfigError as err:
+            raise ConfigError(f"{what}: {err}") from None
+
     for k in full["01_pretrain"]["blocks"]:
-        model_config(full["01_pretrain"]["preset"], blocks=k)
+        fits(main, k, f"blocks={full['01_pretrain']['blocks']} of preset {main!r}" + (f", depth={depth}" if depth else ""))
     for preset, ks in sweep_points(full["04_sweep"]["points"]).items():
         for k in ks:
-            model_config(preset, blocks=k)
+            fits(preset, k, f"sweep point '{preset}:{k}'" + (f" (depth={depth})" if depth and preset == main else ""))
     sweep_seeds(full["04_sweep"]["seeds"], 0)
 
 

@@ -46,6 +46,7 @@ n_val = 500
 synth_size = 64  # frame size of generated clips
 data_format = "mp4"  # how generated clips are stored: "mp4" (list files, decoded with decord) or "tensor"
 preset = "cpu"  # model size: cpu (2-core CPU), tiny (tests), vit_s, vit_b, ... (GPU)
+depth = 0  # encoder layers; 0: the preset's (every K in `blocks` must divide it)
 blocks = [1, 2]  # partition granularities: 1 is E2E, K > 1 is BWSSL with K equal blocks
 steps = 1600  # optimiser steps per run
 batch_size = 16  # clips per step (at CPU scale more, smaller steps learn more per second: NOTES.md)
@@ -88,7 +89,7 @@ summary = {}
 for k in blocks:
     name = run_name(k)
     mcfg = model_config(preset, blocks=k, mask_ratio=mask_ratio, norm_target=not plain_target, dec_keep=dec_keep,
-                        **({"dec_depth": dec_depth} if dec_depth else {}))
+                        **({"dec_depth": dec_depth} if dec_depth else {}), **({"depth": depth} if depth else {}))
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, base_lr=lr * 256 / batch_size,
                        min_lr=min_lr * 256 / batch_size, warmup_steps=warmup_steps,
                        log_every=max(1, steps // 40), ckpt_every=max(1, steps // 4), seed=seed, compile=torch_compile)

@@ -19,7 +19,8 @@
 # # 04 Sweep: model sizes and partition granularities
 #
 # Each point (preset, K blocks) is a Papermill run of notebooks 01 and 02 with its own parameters,
-# in `<study>/sweep/<preset>/`; training parameters are those of the study's notebook 01. Runs the
+# in `<study>/sweep/<preset>/`; training parameters are those of the study's notebook 01 (its `depth`
+# for points of its preset only: another preset keeps its own). Runs the
 # main study already trained with the same parameters are linked in, not trained again, and a preset
 # whose runs notebook 02 has all probed takes its results as they are. With `seeds`, every point is
 # trained and probed again under each further seed (`<study>/sweep/<preset>-seed<s>/`): a seed draws
@@ -72,6 +73,7 @@ for seed in all_seeds:
         folder = point_folder(study, preset, reuse, None if main_seed else seed)
         run_notebook("01_pretrain", folder / "01_pretrain.ipynb",
                      {**main, "study": str(folder), "preset": preset, "blocks": sorted(ks), "seed": seed,
+                      "depth": main.get("depth", 0) if preset == main["preset"] else 0,  # another preset: its own
                       "device": device, "recon_clips": 0},
                      failure=folder / "FAILED.json")  # notebook 01's parameters, but these
         run_notebook("02_probe", folder / "02_probe.ipynb",

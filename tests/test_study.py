@@ -11,7 +11,7 @@ from bwssl_core.cli import main
 from bwssl_core.io import RunError
 from bwssl_core.notebook import NOTEBOOKS, check, defaults
 from bwssl_core.io import save_json
-from bwssl_core.study import NOTEBOOK_ORDER, SMOKE, main_probe, results_path, run_name, run_study
+from bwssl_core.study import NOTEBOOK_ORDER, SMOKE, check_study, main_probe, results_path, run_name, run_study
 
 
 def test_every_notebook_is_paired_and_in_sync():
@@ -30,7 +30,7 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     browser test read mp4 data.)"""
     out, data = tmp_path / "study", tmp_path / "data"
     params = {**SMOKE, "data": str(data), "data_format": "tensor", "points": ["tiny:1", "tiny:4"], "dec_depth": 2,
-              "seeds": [1]}
+              "seeds": [1], "depth": 8}
     with pytest.raises(RunError, match="notebook 02_probe failed in cell"):
         run_study(out, {**params, "families": ["texture"]})
     failed = json.loads((out / "FAILED.json").read_text())
@@ -41,7 +41,8 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     with pytest.raises(RunError, match="already holds a study"):
         run_study(out, params)  # never silently over a study
     assert main(["study", "--smoke", "--resume", "--out", str(out), "-p", "data", str(data), "-p", "data_format",
-                 "tensor", "-p", "points", "['tiny:1', 'tiny:4']", "-p", "dec_depth", "2", "-p", "seeds", "[1]"]) == 0
+                 "tensor", "-p", "points", "['tiny:1', 'tiny:4']", "-p", "dec_depth", "2", "-p", "seeds", "[1]",
+                 "-p", "depth", "8"]) == 0
     assert (data / "train.pt").exists() and not (data / "train.csv").exists()
     assert (out / "01_pretrain.ipynb").stat().st_mtime_ns == first  # finished: not run again
     assert (out / "runs" / "e2e" / "checkpoint.pt").stat().st_mtime_ns == trained
@@ -79,7 +80,10 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     seed1 = out / "sweep" / "tiny-seed1" / "runs"
     for name in ("e2e", "bwssl-k4"):  # trained again under seed 1, not linked
         assert not (seed1 / name).is_symlink()
-        assert json.loads((seed1 / name / "config.json").read_text())["train"]["seed"] == 1
+        config = json.loads((seed1 / name / "config.json").read_text())
+        assert config["train"]["seed"] == 1 and config["model"]["depth"] == 8  # notebook 01's depth: its preset's
+    assert json.loads((out / "runs" / "bwssl-k2" / "config.json").read_text())["model"]["depth"] == 8
+    assert len(probe["probe"]["e2e"]["trained"]["mean"]["motion"]["acc"]) == 8  # a curve over all 8 layers
     summary = {(r["model"], r["family"]): r for r in swept["summary"]}
     k4 = summary["bwssl-k4", "motion"]
     by_seed = [r["vs E2E"] for r in swept["rows"] if (r["model"], r["family"]) == ("bwssl-k4", "motion")]
@@ -128,10 +132,15 @@ def test_bad_study_parameters_stop_before_anything_runs(tmp_path):
                             ({"preset": "vit_x"}, "unknown preset 'vit_x'"),
                             ({"points": ["cpu"]}, "sweep point 'cpu': expected 'preset:K'"),
                             ({"points": ["tiny:3"]}, "blocks=3: expected a divisor of depth=4"),
-                            ({"seeds": [1, -2]}, r"sweep seeds \[-2\]: expected non-negative integers")]:
+                            ({"seeds": [1, -2]}, r"sweep seeds \[-2\]: expected non-negative integers"),
+                            ({"depth": 6, "blocks": [1, 4]},
+                             r"blocks=\[1, 4\] of preset 'cpu', depth=6: blocks=4: expected a divisor of depth=6"),
+                            ({"depth": 8, "points": ["cpu:1", "cpu:3"]}, r"sweep point 'cpu:3' \(depth=8\)"),
+                            ({"depth": -1}, "depth=-1: expected a positive integer")]:
         with pytest.raises(ConfigError, match=message):
             run_study(tmp_path / "s", params)
         assert not (tmp_path / "s").exists()  # nothing written: the corrected call can use the same --out
+    check_study({"depth": 8, "blocks": [1, 2, 4], "points": ["cpu:4", "tiny:4"]})  # tiny keeps its own depth, 4
     with pytest.raises(ConfigError, match="parameter steps='many' is a str, expected int"):
         check({"steps": "many"}, "01_pretrain")
     with pytest.raises(ConfigError, match="parameter blocks=.* expected list"):
