@@ -25,7 +25,8 @@ TABLES = {"close": "Claim 1: every family and pooling's best layer, BWSSL agains
           "earlier": f"Claim 2: the first layer at which each run reaches a common level ({LEVEL:.0%} of the way "
                      "from the random-init encoder's best layer to the best trained run; families with a learned gain)",
           "saturate": "Claim 3: how much a layer changes its input, first half of the layers against the second",
-          "mixing": "Claim 4: attention in the first half of the layers (one clip), token against pooled change, "
+          "mixing": "Claim 4: attention in the first half of the layers (notebook 03's clips), token against pooled "
+                    "change, "
                     "and what the attentive probe reads beyond mean pooling"}
 
 
@@ -132,7 +133,7 @@ ATTENTION = (("entropy_mean", "entropy (nats)"), ("spatial_px_mean", "distance (
 def mixing_rows(probe: dict, analysis: dict, attention: dict[str, list[dict]] | None = None,
                 uniform: dict | None = None) -> list[dict]:
     """Claim 4, token-level shifts show stronger early mixing that pooled metrics miss: per model, the first
-    half's attention (entropy, distance, share to itself: notebook 03's rows, one clip) beside uniform
+    half's attention (entropy, distance, share to itself: notebook 03's rows) beside uniform
     attention; how much more a first-half layer moves its tokens than their mean (token against pooled
     relative change); and what the attentive probe reads beyond mean pooling at the same layer."""
     models = {name: res["trained"] for name, res in probe.items()}
@@ -206,7 +207,7 @@ def summary(probe: dict, analysis: dict, reference: str, n: int, attention: dict
             b, e = u - mixed[name][key], u - mixed[reference][key]
             c = f", random init {u - mixed[control][key]:.3f}" if key in mixed.get(control, {}) else ""
             lines.append(_line("4. stronger early mixing", name, "attention entropy below uniform attention's, first "
-                               "half of the layers (one clip)", f"{b:.3f} nats (E2E {e:.3f}{c}): BWSSL's early "
+                               "half of the layers (notebook 03's clips)", f"{b:.3f} nats (E2E {e:.3f}{c}): BWSSL's early "
                                f"attention is {'more' if b < e else 'less'} spread than E2E's"))
         trained = probe[name]["trained"]
         for fam, r in trained.get("attentive", {}).items() if "mean" in trained else ():

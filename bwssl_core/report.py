@@ -110,11 +110,12 @@ def write_report(study: str | Path) -> Path:
         summaries, partitions = {n: r["layers"] for n, r in runs.items()}, {n: r["partition"] for n, r in runs.items()}
         for key, rows in patches.get("controls", {}).items():  # grey dashed: the random-init encoder
             summaries[figures.CONTROLS[key]] = rows
-        parts.append(f"<h2>Patch level</h2><p>One clip (notebook 03: clip {patches['parameters']['clip']} of "
-                     f"the {patches['parameters']['split']} split): attention by layer (dotted: what uniform attention "
-                     "over all tokens gives; grey dashed: the encoder at random initialisation), and each block's "
-                     "reconstruction error and how many input tubes its pooled output depends on (the exponential "
-                     f"of the entropy of the patch-influence map, {patches['parameters']['influence_method']}).</p>")
+        P, over = patches["parameters"], patches.get("attention_clips", 1)  # older studies measured one clip
+        parts.append("<h2>Patch level</h2><p>Attention by layer over "
+                     f"{f'the first {over} clips' if over > 1 else 'one clip'} of the {P['split']} split (dotted: what uniform attention over all tokens gives; grey dashed: "
+                     f"the encoder at random initialisation); for clip {P['clip']}, each block's reconstruction error "
+                     "and how many input tubes its pooled output depends on (the exponential of the entropy of the "
+                     f"patch-influence map, {P['influence_method']}).</p>")
         uniform = patches.get("uniform_attention")  # dotted: the level of attention spread over all tokens
         fig(viz.distance_figure(summaries, partitions, uniform))
         fig(viz.mixing_figure(summaries, uniform))

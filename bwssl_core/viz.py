@@ -73,17 +73,37 @@ def attention_layers(model: VideoMAE, video: torch.Tensor) -> tuple[list[torch.T
     return attn, layers
 
 
-def control_layers(model: VideoMAE, clip: torch.Tensor) -> list[dict]:
-    """The random-init control's per-layer attention metrics for a uint8 clip (C, T, H, W): the level a
-    trained layer is read against (a random encoder already mixes tokens in its own way)."""
-    video = normalize_video(clip[None].to(model.pixel_mean.device))
-    return attention_layers(model, video)[1]
+def clip_layers(model: VideoMAE, clips: torch.Tensor, batch: int = 4) -> list[dict]:
+    """attention_layers' per-layer metrics over uint8 clips (N, C, T, H, W), `batch` clips at a time (the maps
+    of all N at once hold N h L^2 floats a layer): each list over heads is the mean over the N clips. Every
+    metric is a mean over clips and queries, so batching changes nothing but memory."""
+    if len(clips) == 0:
+        raise ConfigError("attention over 0 clips: give at least one (notebook 03: attention_clips)")
+    total, sums = 0, None
+    for i in range(0, len(clips), batch):
+        video = normalize_video(clips[i:i + batch].to(model.pixel_mean.device))
+        rows = attention_layers(model, video)[1]
+        n, total = len(video), total + len(video)
+        weighted = [{k: np.asarray(v, dtype=np.float64) * n if isinstance(v, list) else v for k, v in r.items()}
+                    for r in rows]
+        sums = weighted if sums is None else [{k: a[k] + b[k] if isinstance(a[k], np.ndarray) else a[k] for k in a}
+                                              for a, b in zip(sums, weighted)]
+    return [{k: (v / total).tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()} for r in sums]
 
 
-def run_diagnostics(model: VideoMAE, clip: torch.Tensor, mask: Mask, influence_method: str = "gradient") -> dict:
+def control_layers(model: VideoMAE, clips: torch.Tensor) -> list[dict]:
+    """The random-init control's per-layer attention metrics for uint8 clips (N, C, T, H, W) or one clip
+    (C, T, H, W): the level a trained layer is read against (a random encoder already mixes tokens in its
+    own way)."""
+    return clip_layers(model, clips if clips.dim() == 5 else clips[None])
+
+
+def run_diagnostics(model: VideoMAE, clip: torch.Tensor, mask: Mask, influence_method: str = "gradient",
+                    clips: torch.Tensor | None = None) -> dict:
     """Everything the patch notebook shows for one model and one uint8 clip (C, T, H, W).
 
-    Attention is measured over all tokens (no mask), reconstructions under `mask` (one clip).
+    Attention is measured over all tokens (no mask), reconstructions under `mask` (one clip). The
+    per-layer metrics are those of `clips` (N, C, T, H, W) when given (clip_layers), else of the clip.
     Returns {"attn": [(h, L, L)] per layer, "layers": [per-layer metrics, lists over heads],
     "influence": [(T', H', W')] per block, "reconstructions": patches.reconstructions(...)}.
     """
@@ -92,6 +112,8 @@ def run_diagnostics(model: VideoMAE, clip: torch.Tensor, mask: Mask, influence_m
     device = model.pixel_mean.device
     video = normalize_video(clip[None].to(device))  # (1, C, T, H, W)
     attn, layers = attention_layers(model, video)
+    if clips is not None:
+        layers = clip_layers(model, clips)
     blocks = range(len(model.cfg.spans))
     influence = [INFLUENCE[influence_method](model, video, k)[0].detach().cpu() for k in blocks]
     recs = reconstructions(model, video, Mask(mask.ids_keep.to(device), mask.ids_mask.to(device)))

@@ -19,7 +19,8 @@
 # One clip of the data split, through each run of the study. The live panel (JupyterLab) scrubs
 # attention maps by run, block, layer, head, frame and query patch; the static figures below it
 # are what survives in the saved notebook. Attention is measured over all tokens of the clip (no
-# mask); reconstructions use one fixed tube mask, the same for every run.
+# mask), and the figures by layer average it over the first `attention_clips` clips of the split;
+# reconstructions use one fixed tube mask, the same for every run.
 
 # %%
 import plotly.io as pio
@@ -36,6 +37,7 @@ study = "runs/study-demo"  # the study folder (bwssl study): runs/<name>/ inside
 data = "data/synth"  # data folder with <split>.csv
 runs = ["e2e", "bwssl-k2"]  # run names under <study>/runs/
 clip = 0  # index of the clip in the split
+attention_clips = 16  # the first clips of the split whose attention the figures by layer average
 split = "val"
 device = "auto"  # "auto": the local GPU if any, else the CPU
 influence_method = "gradient"  # "gradient" (Jacobian norm per tube) or "occlusion" (one forward per tube)
@@ -59,7 +61,8 @@ video, labels = load_split(data, split, cfg)
 x = video[clip]  # uint8 (C, T, H, W)
 mask = models[runs[0]].random_mask(1, torch.Generator(device=dev).manual_seed(mask_seed))
 partitions = {name: m.cfg.partition for name, m in models.items()}
-diagnostics = {name: viz.run_diagnostics(m, x, mask, influence_method) for name, m in models.items()}
+many = video[:attention_clips]  # uint8 (N, C, T, H, W): the figures by layer average their attention
+diagnostics = {name: viz.run_diagnostics(m, x, mask, influence_method, many) for name, m in models.items()}
 print({name: list(p) for name, p in partitions.items()}, "clip", clip, {k: int(v[clip]) for k, v in labels.items()})
 
 # %% [markdown]
@@ -82,12 +85,12 @@ panel.widget
 # references: dotted, what uniform attention over all tokens gives (a layer at that level does not
 # favour near tokens, however large its distances or its share of other time slices look; its
 # entropy says whether it favours particular tokens at all), and grey dashed, the same encoder at
-# random initialisation (the first run's seed), measured on the same clip.
+# random initialisation (the first run's seed), measured on the same clips.
 
 # %%
 summaries = {n: d["layers"] for n, d in diagnostics.items()}
 control = figures.CONTROLS["random_init"]
-summaries[control] = viz.control_layers(random_init(cfg, configs[runs[0]]["train"]["seed"]).to(dev), x)
+summaries[control] = viz.control_layers(random_init(cfg, configs[runs[0]]["train"]["seed"]).to(dev), many)
 uniform = viz.uniform_attention(cfg)  # the chance level: what attention spread over all tokens gives
 viz.distance_figure(summaries, partitions, uniform)
 
@@ -126,7 +129,7 @@ for name, d in diagnostics.items():
 
 # %%
 out = results_path(study, "03_patches")
-save_json(out, {"notebook": "03_patches", "parameters": P, "uniform_attention": uniform,
-                "controls": {"random_init": viz.layer_results(summaries[control])},
+save_json(out, {"notebook": "03_patches", "parameters": P, "attention_clips": len(many),
+                "uniform_attention": uniform, "controls": {"random_init": viz.layer_results(summaries[control])},
                 "runs": viz.results(diagnostics, partitions, influence_method)})
 print("wrote", out)

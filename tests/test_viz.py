@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bwssl_core import ConfigError, VideoMAE, figures, model_config, tube_mask, viz
+from bwssl_core.batches import normalize_video
 from bwssl_core.study import results_path
 from notebook_fixtures import jupyter_env, make_study, notebook_ipynb
 
@@ -209,12 +210,13 @@ def executed(tmp_path, monkeypatch, tiny_study):
 
 @pytest.mark.timeout(300)
 def test_notebook_runs_under_papermill(executed, tiny_study):
-    executed(device="cpu")
+    executed(device="cpu", attention_clips=3)
     out = json.loads(results_path(tiny_study[0], "03_patches").read_text())
     assert out["notebook"] == "03_patches" and out["parameters"]["device"] == "cpu"
+    assert out["attention_clips"] == 3  # the figures by layer average three clips
     assert set(out["runs"]) == {"e2e", "bwssl-k2"}
     assert len(out["runs"]["bwssl-k2"]["layers"]) == 4 and len(out["runs"]["bwssl-k2"]["blocks"]) == 2
-    control = out["controls"]["random_init"]  # the encoder at the runs' starting weights, on the same clip
+    control = out["controls"]["random_init"]  # the encoder at the runs' starting weights, on the same clips
     assert len(control) == 4 and control[0]["entropy_mean"] > 0
     assert control != out["runs"]["e2e"]["layers"]
 
@@ -224,3 +226,23 @@ def test_notebook_runs_under_papermill(executed, tiny_study):
 def test_notebook_names_a_bad_parameter(executed, bad, named):
     with pytest.raises(papermill.PapermillExecutionError, match=named):
         executed(**bad)
+
+
+def test_attention_by_layer_over_several_clips_is_the_mean_whatever_the_batch():
+    """clip_layers batches the clips only to bound memory: its metrics are those of all clips at once, and
+    each clip's own metrics average to them."""
+    torch.manual_seed(0)
+    model = VideoMAE(model_config("tiny"))
+    clips = torch.randint(0, 256, (5, 3, 4, 32, 32), dtype=torch.uint8)
+    whole = viz.attention_layers(model, normalize_video(clips))[1]
+    for batch in (1, 2, 5):
+        rows = viz.clip_layers(model, clips, batch=batch)
+        for r, w in zip(rows, whole):
+            assert r["layer"] == w["layer"] and r["block"] == w["block"]
+            for key in ("spatial_px", "temporal_frames", "entropy", "self", "same_slice", "to_moving"):
+                np.testing.assert_allclose(r[key], w[key], rtol=1e-5, err_msg=f"{key}, batch {batch}")
+    one = [viz.clip_layers(model, clips[i:i + 1]) for i in range(5)]
+    np.testing.assert_allclose([np.mean([o[0]["entropy"] for o in one], 0)], [whole[0]["entropy"]], rtol=1e-5)
+    assert viz.control_layers(model, clips[0]) == one[0]  # one clip (C, T, H, W) as before
+    with pytest.raises(ConfigError, match="attention over 0 clips"):
+        viz.clip_layers(model, clips[:0])
