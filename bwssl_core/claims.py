@@ -4,8 +4,9 @@ and what the numbers say.
 
 A probe difference counts only beyond Z = 2 standard errors of the validation set's sampling (binomial, the
 two scores taken as independent: conservative for two runs scored on the same clips). That is the noise of
-the clips, not of training: another seed moves a run more (the sweep's seeds measure that). The change and
-attention measures have no error bar here, so they give a direction only.
+the clips, not of training: another seed moves a run more (the sweep's seeds measure that). Attention, where
+notebook 03 kept each clip's value, is compared clip by clip: a difference counts beyond Z standard errors of
+its mean over the clips. The change measures have no error bar here, so they give a direction only.
 
 Inputs are the notebooks' JSON results: `probe` and `analysis` of notebook 02 (evaluate.depthwise and
 analyze.analyze per run), optionally the per-layer attention rows of notebook 03 (viz.results).
@@ -131,11 +132,12 @@ ATTENTION = (("entropy_mean", "entropy (nats)"), ("spatial_px_mean", "distance (
 
 
 def mixing_rows(probe: dict, analysis: dict, attention: dict[str, list[dict]] | None = None,
-                uniform: dict | None = None) -> list[dict]:
+                uniform: dict | None = None, reference: str | None = None) -> list[dict]:
     """Claim 4, token-level shifts show stronger early mixing that pooled metrics miss: per model, the first
     half's attention (entropy, distance, share to itself: notebook 03's rows) beside uniform
     attention; how much more a first-half layer moves its tokens than their mean (token against pooled
-    relative change); and what the attentive probe reads beyond mean pooling at the same layer."""
+    relative change); and what the attentive probe reads beyond mean pooling at the same layer. Where the
+    rows keep each clip, every other model's attention minus the reference's, clip by clip (mean ± SE)."""
     models = {name: res["trained"] for name, res in probe.items()}
     first = next(iter(probe.values()))
     models[CONTROLS["random_init"]] = first["random_init"]
@@ -157,7 +159,31 @@ def mixing_rows(probe: dict, analysis: dict, attention: dict[str, list[dict]] | 
     if uniform:
         rows.append({"model": "uniform attention",
                      **{f"{label}, first half": uniform[key.removesuffix("_mean")] for key, label in ATTENTION}})
+    for name in (m for m in (attention or {}) if reference in attention and m != reference):
+        paired = {label: _paired(attention, reference, name, key.removesuffix("_mean")) for key, label in ATTENTION}
+        if all(paired.values()):
+            n = next(iter(paired.values()))[2]
+            rows.append({"model": f"{name} - {reference}, paired over {n} clips",
+                         **{f"{label}, first half": f"{m:+.3g} ± {se:.2g}" for label, (m, se, _) in paired.items()}})
     return rows
+
+
+def early_clips(layers: list[dict], key: str) -> list[float] | None:
+    """Each clip's mean of a per-layer attention measure over the first half of the layers (viz.clip_layers'
+    "clips"); None for rows without them (one clip, older results)."""
+    half = layers[:len(layers) // 2]  # in order of depth, as halves() splits them
+    if not half or any(key not in r.get("clips", {}) for r in half):
+        return None
+    return [statistics.mean(r["clips"][key][i] for r in half) for i in range(len(half[0]["clips"][key]))]
+
+
+def _paired(attention: dict[str, list[dict]], a: str, b: str, key: str) -> tuple[float, float, int] | None:
+    """Mean and standard error over clips of b's first-half measure minus a's, clip by clip (the same clips)."""
+    x, y = (early_clips(attention[m], key) if m in attention else None for m in (a, b))
+    if not x or not y or len(x) != len(y) or len(x) < 2:
+        return None
+    d = [q - p for p, q in zip(x, y)]
+    return statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d)), len(d)
 
 
 def _line(claim: str, run: str, measure: str, says: str) -> dict:
@@ -172,7 +198,7 @@ def summary(probe: dict, analysis: dict, reference: str, n: int, attention: dict
     if reference not in probe or len(probe) < 2:
         return None
     close, earlier = close_rows(probe, reference, n), earlier_rows(probe, reference, n)
-    saturate, mixing = saturate_rows(analysis), mixing_rows(probe, analysis, attention, uniform)
+    saturate, mixing = saturate_rows(analysis), mixing_rows(probe, analysis, attention, uniform, reference)
     seeded = seed_rows(sweep or [])
     change = {r["model"]: r for r in saturate}
     mixed = {r["model"]: r for r in mixing}
@@ -184,8 +210,9 @@ def summary(probe: dict, analysis: dict, reference: str, n: int, attention: dict
                            _count(says, ("ahead", "within noise", "behind"))))
         seeds = [r for r in seeded if r["run"] == name]
         if seeds:
-            lines.append(_line("1. BWSSL gets close to E2E, over seeds", name, f"best layer's lead over E2E of the same seed, "
-                               f"{seeds[0]['seeds']} seeds of the sweep's {seeds[0]['preset']} point",
+            lines.append(_line("1. BWSSL gets close to E2E, over seeds", name,
+                               f"best layer's lead over E2E of the same seed, {seeds[0]['seeds']} seeds of the "
+                               f"sweep's {seeds[0]['preset']} point",
                                _count([r["BWSSL is"] for r in seeds], ("ahead on every seed", "mixed",
                                                                        "behind on every seed"))))
         says = [r["BWSSL is"] for r in earlier if r["run"] == name]
@@ -206,9 +233,16 @@ def summary(probe: dict, analysis: dict, reference: str, n: int, attention: dict
             u = mixed["uniform attention"][key]
             b, e = u - mixed[name][key], u - mixed[reference][key]
             c = f", random init {u - mixed[control][key]:.3f}" if key in mixed.get(control, {}) else ""
-            lines.append(_line("4. stronger early mixing", name, "attention entropy below uniform attention's, first "
-                               "half of the layers (notebook 03's clips)", f"{b:.3f} nats (E2E {e:.3f}{c}): BWSSL's early "
-                               f"attention is {'more' if b < e else 'less'} spread than E2E's"))
+            paired = _paired(attention or {}, name, reference, "entropy")  # entropy E2E - BWSSL, clip by clip
+            word = "more" if b < e else "less"
+            if paired:
+                mean, se, n_clips = paired
+                word = "more" if mean < -Z * se else "less" if mean > Z * se else "no differently"
+                c += f"; paired over {n_clips} clips {mean:+.3f} ± {se:.3f}"
+            lines.append(_line("4. stronger early mixing", name, "attention entropy below uniform attention's, "
+                               "first half of the layers (notebook 03's clips)", f"{b:.3f} nats (E2E {e:.3f}{c}): "
+                               f"BWSSL's early attention is {word} spread than E2E's"
+                               + (" (direction only)" if not paired else "")))
         trained = probe[name]["trained"]
         for fam, r in trained.get("attentive", {}).items() if "mean" in trained else ():
             acc = trained["mean"][fam]["acc"]
@@ -238,6 +272,7 @@ def over_seeds(said: dict[int, dict]) -> list[dict]:
         if pairs:
             more = sum(b > e for b, e in pairs)
             lines.append(_line("3. late blocks saturate, over seeds", name, f"as above, seeds {seeds}",
-                               ", ".join(f"{b:.2f}" for b, _ in pairs) + " (E2E " + ", ".join(f"{e:.2f}" for _, e in pairs)
+                               ", ".join(f"{b:.2f}" for b, _ in pairs) + " (E2E "
+                               + ", ".join(f"{e:.2f}" for _, e in pairs)
                                + f"): BWSSL's late layers change more than E2E's on {more} of {len(pairs)} seeds"))
     return lines

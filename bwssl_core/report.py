@@ -61,20 +61,22 @@ def write_report(study: str | Path) -> Path:
 
     params = json.loads((study / "study.json").read_text()) if (study / "study.json").exists() else {}
     parts.append(f"<h1>BWSSL study: {html.escape(study.name)}</h1><p>Written {time.strftime('%Y-%m-%d %H:%M')}. "
-                 f"Parameters: <code>{html.escape(json.dumps(params.get('params', {})))}</code> over the notebooks' defaults "
-                 "(each executed notebook shows all of its parameters)</p>")
+                 f"Parameters: <code>{html.escape(json.dumps(params.get('params', {})))}</code> over the notebooks' "
+                 "defaults (each executed notebook shows all of its parameters)</p>")
     parts.append("<p>Executed notebooks: " + ", ".join(
         f"<a href='{n}.ipynb'>{n}</a>" for n in NOTEBOOK_ORDER if (study / f"{n}.ipynb").exists()) + "</p>")
     pre, patches, sweep = (_load(study, name) for name in ("01_pretrain", "03_patches", "04_sweep"))
     said = _claims(study, probe, patches, pre, sweep)
     if said:
+        details = "".join(f"<h4>{html.escape(title)}</h4>" + figures.html_table(said[k])
+                          for k, title in claims.TABLES.items())
         parts.append("<h2>The paper's claims on this data</h2><p>Each claim, the measure that tests it here, and "
                      f"what the numbers say. A probe difference counts only beyond {claims.Z:g} standard errors of "
-                     f"the {said['val_clips']} validation clips' sampling: the noise of the clips, not of training (the "
-                     "sweep's seeds measure that); the change and attention measures give a direction only.</p>"
-                     + figures.html_table(said["lines"], text=True) + "<details><summary>The measures, family by family and "
-                     "model by model</summary>" + "".join(f"<h4>{html.escape(title)}</h4>" + figures.html_table(said[k])
-                                                         for k, title in claims.TABLES.items()) + "</details>")
+                     f"the {said['val_clips']} validation clips' sampling: the noise of the clips, not of training "
+                     "(the sweep's seeds measure that). Attention is compared clip by clip over notebook 03's clips; "
+                     "the change measures give a direction only.</p>" + figures.html_table(said["lines"], text=True)
+                     + f"<details><summary>The measures, family by family and model by model</summary>{details}"
+                     "</details>")
     if pre:
         parts.append("<h2>Pretraining</h2>" + figures.html_table(
             [{"run": n, **{k: v for k, v in r.items() if k not in ("loss", "recon_error")},
@@ -112,10 +114,11 @@ def write_report(study: str | Path) -> Path:
             summaries[figures.CONTROLS[key]] = rows
         P, over = patches["parameters"], patches.get("attention_clips", 1)  # older studies measured one clip
         parts.append("<h2>Patch level</h2><p>Attention by layer over "
-                     f"{f'the first {over} clips' if over > 1 else 'one clip'} of the {P['split']} split (dotted: what uniform attention over all tokens gives; grey dashed: "
-                     f"the encoder at random initialisation); for clip {P['clip']}, each block's reconstruction error "
-                     "and how many input tubes its pooled output depends on (the exponential of the entropy of the "
-                     f"patch-influence map, {P['influence_method']}).</p>")
+                     f"{f'the first {over} clips' if over > 1 else 'one clip'} of the {P['split']} split (dotted: "
+                     "what uniform attention over all tokens gives; grey dashed: the encoder at random "
+                     f"initialisation); for clip {P['clip']}, each block's reconstruction error and how many input "
+                     "tubes its pooled output depends on (the exponential of the entropy of the patch-influence map, "
+                     f"{P['influence_method']}).</p>")
         uniform = patches.get("uniform_attention")  # dotted: the level of attention spread over all tokens
         fig(viz.distance_figure(summaries, partitions, uniform))
         fig(viz.mixing_figure(summaries, uniform))

@@ -211,7 +211,8 @@ def check_study(params: dict) -> None:
             raise ConfigError(f"{what}: {err}") from None
 
     for k in full["01_pretrain"]["blocks"]:
-        fits(main, k, f"blocks={full['01_pretrain']['blocks']} of preset {main!r}" + (f", depth={depth}" if depth else ""))
+        fits(main, k, f"blocks={full['01_pretrain']['blocks']} of preset {main!r}"
+             + (f", depth={depth}" if depth else ""))
     for preset, ks in sweep_points(full["04_sweep"]["points"]).items():
         for k in ks:
             fits(preset, k, f"sweep point '{preset}:{k}'" + (f" (depth={depth})" if depth and preset == main else ""))

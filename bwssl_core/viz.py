@@ -73,22 +73,19 @@ def attention_layers(model: VideoMAE, video: torch.Tensor) -> tuple[list[torch.T
     return attn, layers
 
 
-def clip_layers(model: VideoMAE, clips: torch.Tensor, batch: int = 4) -> list[dict]:
-    """attention_layers' per-layer metrics over uint8 clips (N, C, T, H, W), `batch` clips at a time (the maps
-    of all N at once hold N h L^2 floats a layer): each list over heads is the mean over the N clips. Every
-    metric is a mean over clips and queries, so batching changes nothing but memory."""
+def clip_layers(model: VideoMAE, clips: torch.Tensor) -> list[dict]:
+    """attention_layers' per-layer metrics over uint8 clips (N, C, T, H, W), one clip at a time (the maps of
+    all N at once would hold N h L^2 floats a layer): each list over heads is the mean over the clips, and
+    row["clips"] = {metric: [the head mean of each clip]}, the spread a difference is read against."""
     if len(clips) == 0:
         raise ConfigError("attention over 0 clips: give at least one (notebook 03: attention_clips)")
-    total, sums = 0, None
-    for i in range(0, len(clips), batch):
-        video = normalize_video(clips[i:i + batch].to(model.pixel_mean.device))
-        rows = attention_layers(model, video)[1]
-        n, total = len(video), total + len(video)
-        weighted = [{k: np.asarray(v, dtype=np.float64) * n if isinstance(v, list) else v for k, v in r.items()}
-                    for r in rows]
-        sums = weighted if sums is None else [{k: a[k] + b[k] if isinstance(a[k], np.ndarray) else a[k] for k in a}
-                                              for a, b in zip(sums, weighted)]
-    return [{k: (v / total).tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()} for r in sums]
+    per_clip = [attention_layers(model, normalize_video(c[None].to(model.pixel_mean.device)))[1] for c in clips]
+    out = []
+    for rows in zip(*per_clip):  # one layer, every clip
+        keys = [k for k, v in rows[0].items() if isinstance(v, list)]
+        out.append({**rows[0], **{k: np.mean([r[k] for r in rows], 0).tolist() for k in keys},
+                    "clips": {k: [float(np.mean(r[k])) for r in rows] for k in keys}})
+    return out
 
 
 def control_layers(model: VideoMAE, clips: torch.Tensor) -> list[dict]:
@@ -103,7 +100,7 @@ def run_diagnostics(model: VideoMAE, clip: torch.Tensor, mask: Mask, influence_m
     """Everything the patch notebook shows for one model and one uint8 clip (C, T, H, W).
 
     Attention is measured over all tokens (no mask), reconstructions under `mask` (one clip). The
-    per-layer metrics are those of `clips` (N, C, T, H, W) when given (clip_layers), else of the clip.
+    per-layer metrics are clip_layers' of `clips` (N, C, T, H, W) when given, else of the clip.
     Returns {"attn": [(h, L, L)] per layer, "layers": [per-layer metrics, lists over heads],
     "influence": [(T', H', W')] per block, "reconstructions": patches.reconstructions(...)}.
     """
@@ -111,9 +108,8 @@ def run_diagnostics(model: VideoMAE, clip: torch.Tensor, mask: Mask, influence_m
         raise ConfigError(f"influence_method={influence_method!r}: expected one of {', '.join(INFLUENCE)}")
     device = model.pixel_mean.device
     video = normalize_video(clip[None].to(device))  # (1, C, T, H, W)
-    attn, layers = attention_layers(model, video)
-    if clips is not None:
-        layers = clip_layers(model, clips)
+    attn = attention_maps(model, video)
+    layers = clip_layers(model, clip[None] if clips is None else clips)
     blocks = range(len(model.cfg.spans))
     influence = [INFLUENCE[influence_method](model, video, k)[0].detach().cpu() for k in blocks]
     recs = reconstructions(model, video, Mask(mask.ids_keep.to(device), mask.ids_mask.to(device)))

@@ -147,3 +147,33 @@ def test_the_report_reads_each_seed_of_the_main_preset_from_the_sweep(tmp_path):
     assert len(over) == 2 and all("seeds 0, 7" in line["measure"] for line in over)
     assert _claims(tmp_path, results, None, {"parameters": {"preset": "tiny", "seed": 0}}, sweep)["lines"] == \
         [line for line in said["lines"] if line not in over]  # another preset's sweep: no seeds to read
+
+
+def test_early_mixing_is_paired_clip_by_clip_when_the_clips_are_kept():
+    probe = _probe({"e2e": {("mean", "motion"): [0.3] * 4}, "k2": {("mean", "motion"): [0.3] * 4}},
+                   {("mean", "motion"): [0.2] * 4})
+    change = {"layers": 4, "token_relative_change": [0.5] * 3, "pooled_relative_change": [0.5] * 3,
+              "knn_overlap": [0.9] * 3, "consecutive_cka": [0.99] * 3}
+    e2e = [5.0, 5.2, 4.8, 5.0]  # each clip's entropy in layers 1 and 2; layers 3 and 4 do not count
+
+    def layers(per_clip):
+        return [{"layer": i, "entropy_mean": sum(per_clip) / 4, "spatial_px_mean": 30.0, "temporal_frames_mean": 5.0,
+                 "self_mean": 0.01, "clips": {"entropy": per_clip if i < 2 else [0.0] * 4, "spatial_px": [30.0] * 4,
+                                              "temporal_frames": [5.0] * 4, "self": [0.01] * 4}} for i in range(4)]
+    uniform = {"entropy": 6.0, "spatial_px": 33.0, "temporal_frames": 5.25, "self": 0.002}
+
+    def says(k2):
+        said = claims.summary(probe, {"e2e": change, "k2": change}, "e2e", 500,
+                              {"e2e": layers(e2e), "k2": layers(k2)}, uniform)
+        return next(line["what the numbers say"] for line in said["lines"] if line["claim"] == "4. stronger early mixing")
+    steady = says([e + d for e, d in zip(e2e, [0.5, 0.4, 0.6, 0.5])])  # higher entropy on every clip: more spread
+    assert "paired over 4 clips -0.500 ± 0.041" in steady and "is more spread than E2E's" in steady
+    noisy = says([e + d for e, d in zip(e2e, [0.5, -0.5, 0.4, -0.2])])  # the mean moves, the clips disagree
+    assert "is no differently spread than E2E's" in noisy and "direction only" not in noisy
+    assert claims.early_clips(layers(e2e), "entropy") == e2e
+    assert claims.early_clips([{k: v for k, v in r.items() if k != "clips"} for r in layers(e2e)], "entropy") is None
+    k2 = layers([e + d for e, d in zip(e2e, [0.5, 0.4, 0.6, 0.5])])
+    rows = claims.mixing_rows(probe, {}, {"e2e": layers(e2e), "k2": k2}, uniform, "e2e")
+    assert rows[-1]["model"] == "k2 - e2e, paired over 4 clips"
+    assert rows[-1]["entropy (nats), first half"] == "+0.5 ± 0.041"
+    assert rows[-1]["distance (px), first half"] == "+0 ± 0"  # the same distances on every clip

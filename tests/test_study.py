@@ -67,6 +67,7 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     assert "held-out top-1 by epoch" in report  # the attentive probes' curves
     patch_level = report.split("Patch level")[1]  # attention by layer: entropy too, and the random-init control
     assert "Attention entropy" in patch_level and '"name":"random init"' in patch_level
+    assert "over the first 16 clips of the val split" in patch_level and "for clip 0," in patch_level
     assert "Attention to where the clip moves" in patch_level
     kept = probe["probe"]["e2e"]["pixels"]["attentive"]["motion"]
     assert 1 <= kept["epoch"][-1] <= kept["epochs"][-1] == len(kept["holdout_curve"][-1])

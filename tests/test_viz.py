@@ -228,21 +228,25 @@ def test_notebook_names_a_bad_parameter(executed, bad, named):
         executed(**bad)
 
 
-def test_attention_by_layer_over_several_clips_is_the_mean_whatever_the_batch():
-    """clip_layers batches the clips only to bound memory: its metrics are those of all clips at once, and
-    each clip's own metrics average to them."""
+def test_attention_by_layer_over_several_clips_is_their_mean_with_each_clip_kept():
+    """clip_layers takes one clip at a time only to bound memory: its metrics are those of all clips at once,
+    and it keeps each clip's head mean, whose mean is the row's."""
     torch.manual_seed(0)
     model = VideoMAE(model_config("tiny"))
     clips = torch.randint(0, 256, (5, 3, 4, 32, 32), dtype=torch.uint8)
     whole = viz.attention_layers(model, normalize_video(clips))[1]
-    for batch in (1, 2, 5):
-        rows = viz.clip_layers(model, clips, batch=batch)
-        for r, w in zip(rows, whole):
-            assert r["layer"] == w["layer"] and r["block"] == w["block"]
-            for key in ("spatial_px", "temporal_frames", "entropy", "self", "same_slice", "to_moving"):
-                np.testing.assert_allclose(r[key], w[key], rtol=1e-5, err_msg=f"{key}, batch {batch}")
-    one = [viz.clip_layers(model, clips[i:i + 1]) for i in range(5)]
-    np.testing.assert_allclose([np.mean([o[0]["entropy"] for o in one], 0)], [whole[0]["entropy"]], rtol=1e-5)
-    assert viz.control_layers(model, clips[0]) == one[0]  # one clip (C, T, H, W) as before
+    rows = viz.clip_layers(model, clips)
+    for r, w in zip(rows, whole):
+        assert r["layer"] == w["layer"] and r["block"] == w["block"]
+        for key in ("spatial_px", "temporal_frames", "entropy", "self", "same_slice", "to_moving"):
+            np.testing.assert_allclose(r[key], w[key], rtol=1e-5, err_msg=key)
+            assert len(r["clips"][key]) == 5
+            assert np.mean(r["clips"][key]) == pytest.approx(np.mean(w[key]), rel=1e-5)
+    alone = viz.attention_layers(model, normalize_video(clips[3:4]))[1]
+    assert rows[1]["clips"]["entropy"][3] == pytest.approx(np.mean(alone[1]["entropy"]), rel=1e-6)
+    one = viz.control_layers(model, clips[0])  # one clip (C, T, H, W) as before
+    assert [{k: v for k, v in r.items() if k != "clips"} for r in one] == \
+        viz.attention_layers(model, normalize_video(clips[:1]))[1]
+    assert viz.layer_results(rows)[0]["entropy_mean"] == pytest.approx(np.mean(rows[0]["entropy"]))
     with pytest.raises(ConfigError, match="attention over 0 clips"):
         viz.clip_layers(model, clips[:0])
