@@ -49,14 +49,15 @@ def _count(says: list[str], order: tuple[str, ...]) -> str:
 def close_rows(probe: dict, reference: str, n: int) -> list[dict]:
     """Claim 1, BWSSL gets close to E2E: per BWSSL run, family and pooling (the attentive probe too) the best
     layer's top-1 against the reference's, and whether the difference is beyond the clips' noise."""
-    ref = probe[reference]["trained"]
-    return [{"run": name, "family": fam, "pooling": pool, "E2E": max(ref[pool][fam]["acc"]),
-             "BWSSL": max(r["acc"]), "difference": max(r["acc"]) - max(ref[pool][fam]["acc"]),
-             "noise (2 SE)": Z * math.hypot(sampling_error(max(r["acc"]), n),
-                                            sampling_error(max(ref[pool][fam]["acc"]), n)),
-             "BWSSL is": compare(max(r["acc"]), max(ref[pool][fam]["acc"]), n)}
-            for name, res in probe.items() if name != reference
-            for pool, fams in res["trained"].items() for fam, r in fams.items()]
+    ref, rows = probe[reference]["trained"], []
+    for name in (m for m in probe if m != reference):
+        for pool, fams in probe[name]["trained"].items():
+            for fam, r in fams.items():
+                a, b = max(r["acc"]), max(ref[pool][fam]["acc"])
+                rows.append({"run": name, "family": fam, "pooling": pool, "E2E": b, "BWSSL": a, "difference": a - b,
+                             "noise (2 SE)": Z * math.hypot(sampling_error(a, n), sampling_error(b, n)),
+                             "BWSSL is": compare(a, b, n)})
+    return rows
 
 
 def seed_rows(best_rows: list[dict]) -> list[dict]:

@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "started with (and any -p); finished notebooks are kept, and so are their parameters")
     st.add_argument("--notebooks", help="comma-separated subset, e.g. 01_pretrain,02_probe (default: all, in order)")
 
+    r = sub.add_parser("report", help="write a study's report.html again from its results (after an upgrade, or "
+                       "for a study copied from elsewhere) and print the paper's claims as read off them")
+    r.add_argument("--study", required=True, help="study folder (bwssl study --out)")
+
     sub.add_parser("presets", help="list the model presets")
     return parser
 
@@ -303,6 +307,17 @@ def cmd_study(args) -> None:
     print(json.dumps({"out": str(out), "report": str(out / "report.html")}))
 
 
+def cmd_report(args) -> None:
+    from .report import study_claims, write_report
+
+    if not Path(args.study, "results").is_dir():
+        raise RunError(f"{args.study}: not a study folder (no results/ inside)")
+    said = study_claims(args.study)
+    print(json.dumps({"report": str(write_report(args.study)),
+                      "claims": [{k: line[k] for k in ("claim", "run", "what the numbers say")}
+                                 for line in (said or {}).get("lines", [])]}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -318,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_analyze(args)
         elif args.command == "study":
             cmd_study(args)
+        elif args.command == "report":
+            cmd_report(args)
         elif args.command == "presets":
             for name, values in PRESETS.items():
                 print(name, json.dumps(values))

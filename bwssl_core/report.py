@@ -46,6 +46,15 @@ def _claims(study: Path, probe: dict, patches: dict | None, pre: dict | None, sw
     return said
 
 
+def study_claims(study: str | Path) -> dict | None:
+    """The paper's claims read off a study folder's results (claims.summary, as the report shows them)."""
+    study = Path(study)
+    probe = _load(study, "02_probe")
+    if probe is None:
+        raise RunError(f"{results_path(study, '02_probe')}: no probe results, so no claims to read")
+    return _claims(study, probe, *(_load(study, name) for name in ("03_patches", "01_pretrain", "04_sweep")))
+
+
 def write_report(study: str | Path) -> Path:
     """study/report.html from whatever results the study has; the final table is required."""
     study = Path(study)

@@ -102,6 +102,15 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     assert (out / "sweep" / "tiny" / "runs" / "bwssl-k4" / "checkpoint.pt").exists()
     for run in ("runs/e2e", "sweep/tiny/runs/bwssl-k4"):  # the tiny preset has 1 decoder layer; 2 were asked
         assert json.loads((out / run / "config.json").read_text())["model"]["dec_depth"] == 2, run
+    (out / "report.html").unlink()  # `bwssl report` writes it again from the results, and prints the claims
+    capsys.readouterr()
+    assert main(["report", "--study", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["report"] == str(out / "report.html") and "The paper's claims" in (out / "report.html").read_text()
+    assert [c["claim"] for c in printed["claims"]][:2] == ["1. BWSSL gets close to E2E",
+                                                          "2. information is decodable earlier"]
+    assert main(["report", "--study", str(tmp_path / "data")]) == 2
+    assert "not a study folder" in capsys.readouterr().err
 
 
 def test_sweep_takes_the_main_probe_only_when_it_covers_every_run(tmp_path):
