@@ -83,7 +83,10 @@ for step in $steps; do
       # checkpoints and cached features (the executed notebooks carry their cells' durations; each run
       # its metrics.jsonl and config.json)
       tar czf "$OUT/study/probes.tgz" "$STUDY"/features/probe-* 2>/dev/null
-      tar czf "$OUT/study/study.tgz" --exclude='*.pt' --exclude='features' "$STUDY" ;;
+      tar czf "$OUT/study/study.tgz" --exclude='*.pt' --exclude='features' "$STUDY"
+      # the paper's claims as the report reads them, into the log and the output's tail
+      python3 -m bwssl_core report --study "$STUDY" 2>&1 | grep -E '"(claim|run|what the numbers say)"' \
+        | paste - - - | tee -a "$LOG" ;;
     *) echo "unknown step $step" | tee -a "$LOG" ;;
   esac
 done

@@ -234,12 +234,12 @@ def summary(probe: dict, analysis: dict, reference: str, n: int, attention: dict
             u = mixed["uniform attention"][key]
             b, e = u - mixed[name][key], u - mixed[reference][key]
             c = f", random init {u - mixed[control][key]:.3f}" if key in mixed.get(control, {}) else ""
-            paired = _paired(attention or {}, name, reference, "entropy")  # entropy E2E - BWSSL, clip by clip
+            paired = _paired(attention or {}, reference, name, "entropy")  # entropy BWSSL - E2E, clip by clip
             word = "more" if b < e else "less"
             if paired:
                 mean, se, n_clips = paired
-                word = "more" if mean < -Z * se else "less" if mean > Z * se else "no differently"
-                c += f"; paired over {n_clips} clips {mean:+.3f} ± {se:.3f}"
+                word = "more" if mean > Z * se else "less" if mean < -Z * se else "no differently"
+                c += f"; its entropy minus E2E's, paired over {n_clips} clips, {mean:+.3f} ± {se:.3f}"
             lines.append(_line("4. stronger early mixing", name, "attention entropy below uniform attention's, "
                                "first half of the layers (notebook 03's clips)", f"{b:.3f} nats (E2E {e:.3f}{c}): "
                                f"BWSSL's early attention is {word} spread than E2E's"

@@ -167,7 +167,7 @@ def test_early_mixing_is_paired_clip_by_clip_when_the_clips_are_kept():
                               {"e2e": layers(e2e), "k2": layers(k2)}, uniform)
         return next(line["what the numbers say"] for line in said["lines"] if line["claim"] == "4. stronger early mixing")
     steady = says([e + d for e, d in zip(e2e, [0.5, 0.4, 0.6, 0.5])])  # higher entropy on every clip: more spread
-    assert "paired over 4 clips -0.500 ± 0.041" in steady and "is more spread than E2E's" in steady
+    assert "paired over 4 clips, +0.500 ± 0.041" in steady and "is more spread than E2E's" in steady
     noisy = says([e + d for e, d in zip(e2e, [0.5, -0.5, 0.4, -0.2])])  # the mean moves, the clips disagree
     assert "is no differently spread than E2E's" in noisy and "direction only" not in noisy
     assert claims.early_clips(layers(e2e), "entropy") == e2e

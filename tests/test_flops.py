@@ -135,6 +135,7 @@ def test_gpu_check_script_runs_its_steps_in_smoke_mode(tmp_path):
     assert len(files) <= 7 and all(len(p.relative_to(out).parts) <= 3 for p in files), files
     assert {"report.html", "results.json", "probes.tgz", "study.tgz"} <= {p.name for p in files}
     assert "04_sweep" in "".join(json.loads((out / "study" / "results.json").read_text()))
+    assert '"claim": "1. BWSSL gets close to E2E"' in log  # the claims, one line each, read off the results
     assert "unknown step nonsense" in log
     small = json.loads((out / "pretrain_vit_s.json").read_text())["rows"]
     assert {r["blocks"] for r in small} == {1, 2, 4}  # the tiny preset's 4 layers: no K = 6, 12
