@@ -46,6 +46,16 @@ def _count(says: list[str], order: tuple[str, ...]) -> str:
     return ", ".join(f"{says.count(s)} {s}" for s in order) + f" (of {len(says)})"
 
 
+def _onsets(rows: list[dict]) -> str:
+    """earlier_rows counted; an "earlier" where E2E never reaches the level is a run that learned more, not one
+    whose curve rose sooner, so those are told apart."""
+    if not rows:
+        return "no family with a learned gain"
+    never = sum(r["BWSSL is"] == "earlier" and r["E2E layer"] == "never" for r in rows)
+    return _count([r["BWSSL is"] for r in rows], ("earlier", "same", "later")) + \
+        (f"; E2E never reaches the level in {never} of the earlier" if never else "")
+
+
 def close_rows(probe: dict, reference: str, n: int) -> list[dict]:
     """Claim 1, BWSSL gets close to E2E: per BWSSL run, family and pooling (the attentive probe too) the best
     layer's top-1 against the reference's, and whether the difference is beyond the clips' noise."""
@@ -216,10 +226,9 @@ def summary(probe: dict, analysis: dict, reference: str, n: int, attention: dict
                                f"sweep's {seeds[0]['preset']} point",
                                _count([r["BWSSL is"] for r in seeds], ("ahead on every seed", "mixed",
                                                                        "behind on every seed"))))
-        says = [r["BWSSL is"] for r in earlier if r["run"] == name]
         lines.append(_line("2. information is decodable earlier", name,
                            f"first layer reaching {LEVEL:.0%} of the way from random init to the best run",
-                           _count(says, ("earlier", "same", "later")) if says else "no family with a learned gain"))
+                           _onsets([r for r in earlier if r["run"] == name])))
         if name in change and reference in change:
             s, e, c = (change.get(m, {}) for m in (name, reference, control))
             lines.append(_line("3. late blocks saturate", name, "relative change of a layer, second half over first "
@@ -265,9 +274,8 @@ def over_seeds(said: dict[int, dict]) -> list[dict]:
     lines = []
     runs = [{r["run"]: None for r in s["close"]} for s in said.values()]
     for name in (m for m in runs[0] if all(m in r for r in runs)):  # the runs every seed trained
-        says = [r["BWSSL is"] for s in said.values() for r in s["earlier"] if r["run"] == name]
         lines.append(_line("2. information is decodable earlier, over seeds", name, f"as above, seeds {seeds}",
-                           _count(says, ("earlier", "same", "later")) if says else "no family with a learned gain"))
+                           _onsets([r for s in said.values() for r in s["earlier"] if r["run"] == name])))
         ratios = [({r["model"]: r["second / first"] for r in s["saturate"]}) for s in said.values()]
         pairs = [(r[name], r[ref]) for r in ratios if name in r and ref in r]
         if pairs:

@@ -177,3 +177,11 @@ def test_early_mixing_is_paired_clip_by_clip_when_the_clips_are_kept():
     assert rows[-1]["model"] == "k2 - e2e, paired over 4 clips"
     assert rows[-1]["entropy (nats), first half"] == "+0.5 ± 0.041"
     assert rows[-1]["distance (px), first half"] == "+0 ± 0"  # the same distances on every clip
+
+
+def test_an_onset_where_e2e_never_reaches_the_level_is_told_apart():
+    rows = [{"BWSSL is": "earlier", "E2E layer": "never"}, {"BWSSL is": "earlier", "E2E layer": 3},
+            {"BWSSL is": "same", "E2E layer": "never"}]
+    assert claims._onsets(rows) == "2 earlier, 1 same, 0 later (of 3); E2E never reaches the level in 1 of the earlier"
+    assert claims._onsets(rows[1:2]) == "1 earlier, 0 same, 0 later (of 1)"
+    assert claims._onsets([]) == "no family with a learned gain"
