@@ -27,8 +27,7 @@ TABLES = {"close": "Claim 1: every family and pooling's best layer, BWSSL agains
                      "from the random-init encoder's best layer to the best trained run; families with a learned gain)",
           "saturate": "Claim 3: how much a layer changes its input, first half of the layers against the second",
           "mixing": "Claim 4: attention in the first half of the layers (notebook 03's clips), token against pooled "
-                    "change, "
-                    "and what the attentive probe reads beyond mean pooling"}
+                    "change, and what the attentive probe reads beyond mean pooling"}
 
 
 def sampling_error(acc: float, n: int) -> float:
@@ -120,7 +119,7 @@ def halves(values: list[float], first_layer: int, layers: int) -> tuple[float, f
     l > layers // 2); `values[i]` belongs to layer first_layer + i (1-based)."""
     early = [v for i, v in enumerate(values) if first_layer + i <= layers // 2]
     late = [v for i, v in enumerate(values) if first_layer + i > layers // 2]
-    return (statistics.mean(early) if early else float("nan")), statistics.mean(late)
+    return tuple(statistics.mean(v) if v else float("nan") for v in (early, late))  # nan: a half with no layer
 
 
 def saturate_rows(analysis: dict) -> list[dict]:

@@ -185,3 +185,10 @@ def test_an_onset_where_e2e_never_reaches_the_level_is_told_apart():
     assert claims._onsets(rows) == "2 earlier, 1 same, 0 later (of 3); E2E never reaches the level in 1 of the earlier"
     assert claims._onsets(rows[1:2]) == "1 earlier, 0 same, 0 later (of 1)"
     assert claims._onsets([]) == "no family with a learned gain"
+
+
+def test_a_half_without_layers_is_nan_not_an_error():
+    early, late = claims.halves([], 2, 1)  # one layer: no change between layers to measure
+    assert math.isnan(early) and math.isnan(late)
+    early, late = claims.halves([0.4], 2, 2)  # two layers: layer 2 is the second half
+    assert math.isnan(early) and late == 0.4
