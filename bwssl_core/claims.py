@@ -154,10 +154,9 @@ def mixing_rows(probe: dict, analysis: dict, attention: dict[str, list[dict]] | 
     rows = []
     for name, res in models.items():
         row = {"model": name}
-        for key, label in ATTENTION:
-            if attention and name in attention:
-                layers = attention[name]
-                row[f"{label}, first half"] = halves([r[key] for r in layers], 1, len(layers))[0]
+        layers = (attention or {}).get(name, [])
+        for key, label in ATTENTION if layers else ():
+            row[f"{label}, first half"] = halves([r[key] for r in layers], 1, len(layers))[0]
         a = analysis.get(name)
         if a:
             token = halves(a["token_relative_change"], 2, a["layers"])[0]
@@ -260,8 +259,8 @@ def summary(probe: dict, analysis: dict, reference: str, n: int, attention: dict
                                f"attentive probe against mean pooling, {fam}, layer {layer}",
                                f"{r['acc'][-1]:.3f} against {pooled:.3f}: the attentive probe is "
                                f"{compare(r['acc'][-1], pooled, n)}"))
-    tables = dict(zip(TABLES, (close, seeded, earlier, saturate, mixing)))
-    return {"reference": reference, "val_clips": n, "z": Z, "level": LEVEL, "lines": lines, **tables}
+    return {"reference": reference, "val_clips": n, "z": Z, "level": LEVEL, "lines": lines, "close": close,
+            "seeds": seeded, "earlier": earlier, "saturate": saturate, "mixing": mixing}  # the keys of TABLES
 
 
 def over_seeds(said: dict[int, dict]) -> list[dict]:

@@ -308,12 +308,12 @@ def cmd_study(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import study_claims, write_report
+    from .report import write
 
     if not Path(args.study, "results").is_dir():
         raise RunError(f"{args.study}: not a study folder (no results/ inside)")
-    said = study_claims(args.study)
-    print(json.dumps({"report": str(write_report(args.study)),
+    path, said = write(args.study)
+    print(json.dumps({"report": str(path),
                       "claims": [{k: line[k] for k in ("claim", "run", "what the numbers say")}
                                  for line in (said or {}).get("lines", [])]}, indent=1))
 

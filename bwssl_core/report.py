@@ -33,10 +33,11 @@ def _claims(study: Path, probe: dict, patches: dict | None, pre: dict | None, sw
         attention = {name: r["layers"] for name, r in patches["runs"].items()}
         attention.update({figures.CONTROLS[k]: rows for k, rows in patches.get("controls", {}).items()})
         uniform = patches.get("uniform_attention")
-    preset = (pre or {}).get("parameters", {}).get("preset")
+    main = (pre or {}).get("parameters", {})  # notebook 01's: the preset and seed of the study's own runs
+    preset = main.get("preset")
     seeds = [r for r in (sweep or {}).get("best_rows", []) if r["preset"] == preset]
     said = claims.summary(probe["probe"], probe["analysis"], probe["reference"], n, attention, uniform, seeds)
-    per_seed = {(pre or {}).get("parameters", {}).get("seed", 0): said}
+    per_seed = {main.get("seed", 0): said}
     for seed in (sweep or {}).get("seeds", [])[1:]:  # the first is the main study's own
         other = _load(point_path(study, preset, seed), "02_probe")
         if other and other.get("analysis"):
@@ -46,17 +47,13 @@ def _claims(study: Path, probe: dict, patches: dict | None, pre: dict | None, sw
     return said
 
 
-def study_claims(study: str | Path) -> dict | None:
-    """The paper's claims read off a study folder's results (claims.summary, as the report shows them)."""
-    study = Path(study)
-    probe = _load(study, "02_probe")
-    if probe is None:
-        raise RunError(f"{results_path(study, '02_probe')}: no probe results, so no claims to read")
-    return _claims(study, probe, *(_load(study, name) for name in ("03_patches", "01_pretrain", "04_sweep")))
-
-
 def write_report(study: str | Path) -> Path:
     """study/report.html from whatever results the study has; the final table is required."""
+    return write(study)[0]
+
+
+def write(study: str | Path) -> tuple[Path, dict | None]:
+    """write_report, also returning the claims it shows (claims.summary; None where there are none)."""
     study = Path(study)
     probe = _load(study, "02_probe")
     if probe is None:
@@ -145,4 +142,4 @@ def write_report(study: str | Path) -> Path:
             parts.append("<h3>Best layer per family and pooling</h3>" + figures.html_table(sweep["best_summary"]))
     save_text(study / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>BWSSL study</title>"
                                      f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    return study / "report.html"
+    return study / "report.html", said

@@ -79,7 +79,13 @@ def clip_layers(model: VideoMAE, clips: torch.Tensor) -> list[dict]:
     row["clips"] = {metric: [the head mean of each clip]}, the spread a difference is read against."""
     if len(clips) == 0:
         raise ConfigError("attention over 0 clips: give at least one (notebook 03: attention_clips)")
-    per_clip = [attention_layers(model, normalize_video(c[None].to(model.pixel_mean.device)))[1] for c in clips]
+    return _over_clips([attention_layers(model, normalize_video(c[None].to(model.pixel_mean.device)))[1]
+                        for c in clips])
+
+
+def _over_clips(per_clip: list[list[dict]]) -> list[dict]:
+    """attention_layers' rows of each clip -> clip_layers' rows: per layer, the mean over clips of each list
+    over heads, and "clips": each clip's head mean."""
     out = []
     for rows in zip(*per_clip):  # one layer, every clip
         keys = [k for k, v in rows[0].items() if isinstance(v, list)]
@@ -108,8 +114,8 @@ def run_diagnostics(model: VideoMAE, clip: torch.Tensor, mask: Mask, influence_m
         raise ConfigError(f"influence_method={influence_method!r}: expected one of {', '.join(INFLUENCE)}")
     device = model.pixel_mean.device
     video = normalize_video(clip[None].to(device))  # (1, C, T, H, W)
-    attn = attention_maps(model, video)
-    layers = clip_layers(model, clip[None] if clips is None else clips)
+    attn, layers = attention_layers(model, video)
+    layers = _over_clips([layers]) if clips is None else clip_layers(model, clips)
     blocks = range(len(model.cfg.spans))
     influence = [INFLUENCE[influence_method](model, video, k)[0].detach().cpu() for k in blocks]
     recs = reconstructions(model, video, Mask(mask.ids_keep.to(device), mask.ids_mask.to(device)))
