@@ -199,6 +199,15 @@ def _line(claim: str, run: str, measure: str, says: str) -> dict:
     return {"claim": claim, "run": run, "measure": measure, "what the numbers say": says}
 
 
+def _seed_lines(seeded: list[dict], name: str) -> list[dict]:
+    """Claim 1 over seeds for one run (seed_rows), as a line; none without seeds."""
+    seeds = [r for r in seeded if r["run"] == name]
+    return [_line("1. BWSSL gets close to E2E, over seeds", name, f"best layer's lead over E2E of the same seed, "
+                  f"{seeds[0]['seeds']} seeds of the sweep's {seeds[0]['preset']} point",
+                  _count([r["BWSSL is"] for r in seeds], ("ahead on every seed", "mixed", "behind on every seed")))
+            ] if seeds else []
+
+
 def summary(probe: dict, analysis: dict, reference: str, n: int, attention: dict[str, list[dict]] | None = None,
             uniform: dict | None = None, sweep: list[dict] | None = None) -> dict | None:
     """Every claim's rows, and one line per claim and BWSSL run saying what the numbers show (`sweep`: the
@@ -217,13 +226,7 @@ def summary(probe: dict, analysis: dict, reference: str, n: int, attention: dict
         says = [r["BWSSL is"] for r in close if r["run"] == name]
         lines.append(_line("1. BWSSL gets close to E2E", name, "best-layer top-1 per family and pooling, against E2E's",
                            _count(says, ("ahead", "within noise", "behind"))))
-        seeds = [r for r in seeded if r["run"] == name]
-        if seeds:
-            lines.append(_line("1. BWSSL gets close to E2E, over seeds", name,
-                               f"best layer's lead over E2E of the same seed, {seeds[0]['seeds']} seeds of the "
-                               f"sweep's {seeds[0]['preset']} point",
-                               _count([r["BWSSL is"] for r in seeds], ("ahead on every seed", "mixed",
-                                                                       "behind on every seed"))))
+        lines += _seed_lines(seeded, name)
         lines.append(_line("2. information is decodable earlier", name,
                            f"first layer reaching {LEVEL:.0%} of the way from random init to the best run",
                            _onsets([r for r in earlier if r["run"] == name])))
@@ -259,21 +262,28 @@ def summary(probe: dict, analysis: dict, reference: str, n: int, attention: dict
                                f"attentive probe against mean pooling, {fam}, layer {layer}",
                                f"{r['acc'][-1]:.3f} against {pooled:.3f}: the attentive probe is "
                                f"{compare(r['acc'][-1], pooled, n)}"))
+    for name in dict.fromkeys(r["run"] for r in seeded if r["run"] not in probe):  # trained by the sweep alone
+        lines += _seed_lines(seeded, name)
     return {"reference": reference, "val_clips": n, "z": Z, "level": LEVEL, "lines": lines, "close": close,
             "seeds": seeded, "earlier": earlier, "saturate": saturate, "mixing": mixing}  # the keys of TABLES
 
 
 def over_seeds(said: dict[int, dict]) -> list[dict]:
     """Claims 2 and 3 over seeds, from each seed's summary (its runs trained and probed under that seed): for
-    each run that every seed has, the onsets counted over all seeds, and each seed's change ratio beside
-    E2E's of the same seed."""
+    each run that every seed has, the onsets counted over all seeds (on the families and poolings that every
+    seed probed, so that each seed weighs the same), and each seed's change ratio beside E2E's of the same
+    seed."""
     first = next(iter(said.values()))
     ref, seeds = first["reference"], ", ".join(map(str, said))
     lines = []
     runs = [{r["run"]: None for r in s["close"]} for s in said.values()]
+    probed = set.intersection(*({(r["family"], r["pooling"]) for r in s["close"]} for s in said.values()))
     for name in (m for m in runs[0] if all(m in r for r in runs)):  # the runs every seed trained
-        lines.append(_line("2. information is decodable earlier, over seeds", name, f"as above, seeds {seeds}",
-                           _onsets([r for s in said.values() for r in s["earlier"] if r["run"] == name])))
+        onsets = [r for s in said.values() for r in s["earlier"] if r["run"] == name
+                  and (r["family"], r["pooling"]) in probed]
+        pools = ", ".join(sorted({p for _, p in probed} - {"attentive"}))
+        lines.append(_line("2. information is decodable earlier, over seeds", name,
+                           f"as above, seeds {seeds}, poolings {pools}", _onsets(onsets)))
         ratios = [({r["model"]: r["second / first"] for r in s["saturate"]}) for s in said.values()]
         pairs = [(r[name], r[ref]) for r in ratios if name in r and ref in r]
         if pairs:

@@ -37,11 +37,13 @@ def _claims(study: Path, probe: dict, patches: dict | None, pre: dict | None, sw
     preset = main.get("preset")
     seeds = [r for r in (sweep or {}).get("best_rows", []) if r["preset"] == preset]
     said = claims.summary(probe["probe"], probe["analysis"], probe["reference"], n, attention, uniform, seeds)
-    per_seed = {main.get("seed", 0): said}
-    for seed in (sweep or {}).get("seeds", [])[1:]:  # the first is the main study's own
-        other = _load(point_path(study, preset, seed), "02_probe")
+    per_seed = {}  # each seed's summary over the same poolings; the main seed's sweep point, where there is one, has
+    for seed in (sweep or {}).get("seeds", []):  # the study's runs (linked in) and those the sweep trained beside
+        other = _load(point_path(study, preset, None if seed == main.get("seed", 0) else seed), "02_probe")
         if other and other.get("analysis"):
             per_seed[seed] = claims.summary(other["probe"], other["analysis"], other["reference"], n)
+        elif seed == main.get("seed", 0):
+            per_seed[seed] = said
     if said and len(per_seed) > 1 and all(per_seed.values()):
         said["lines"] = sorted(said["lines"] + claims.over_seeds(per_seed), key=lambda line: line["claim"][:2])
     return said

@@ -192,3 +192,48 @@ def test_a_half_without_layers_is_nan_not_an_error():
     assert math.isnan(early) and math.isnan(late)
     early, late = claims.halves([0.4], 2, 2)  # two layers: layer 2 is the second half
     assert math.isnan(early) and late == 0.4
+
+
+def test_onsets_over_seeds_count_only_what_every_seed_probed():
+    def seed(poolings):
+        curves = {p: [0.2, 0.6, 0.8] for p in poolings}
+        probe = _probe({"e2e": {(p, "motion"): c for p, c in curves.items()},
+                        "k2": {(p, "motion"): [0.8, 0.8, 0.8] for p in poolings}},
+                       {(p, "motion"): [0.2] * 3 for p in poolings})
+        change = {"layers": 4, "token_relative_change": [0.6, 0.3, 0.3], "pooled_relative_change": [0.6, 0.3, 0.3],
+                  "knn_overlap": [0.9] * 3, "consecutive_cka": [0.99] * 3}
+        return claims.summary(probe, {"e2e": change, "k2": change}, "e2e", 500)
+    said = {0: seed(("mean", "slices", "grid")), 1: seed(("mean", "slices"))}  # the main study probes the grid too
+    assert len(said[0]["earlier"]) == 3
+    line = next(x for x in claims.over_seeds(said) if x["claim"].startswith("2."))
+    assert line["what the numbers say"] == "4 earlier, 0 same, 0 later (of 4)"  # not 5: seed 1 has no grid
+    assert "poolings mean, slices" in line["measure"]
+
+
+def test_a_run_only_the_sweep_trained_gets_its_claims_over_seeds(tmp_path):
+    from bwssl_core.io import save_json
+    from bwssl_core.report import _claims
+    from bwssl_core.study import point_path
+
+    change = {"layers": 4, "clips": 500, "token_relative_change": [0.6, 0.3, 0.3],
+              "pooled_relative_change": [0.6, 0.3, 0.3], "knn_overlap": [0.9] * 3, "consecutive_cka": [0.99] * 3}
+
+    def results(runs):
+        curves = {"e2e": {("mean", "motion"): [0.2, 0.6, 0.8]}, **{r: {("mean", "motion"): [0.6] * 3} for r in runs}}
+        return {"probe": _probe(curves, {("mean", "motion"): [0.2] * 3}),
+                "analysis": {"e2e": change, **{r: {**change, "token_relative_change": [0.3, 0.6, 0.6]} for r in runs}},
+                "reference": "e2e"}
+    main = results(["k2"])  # the study's own runs; the sweep's points add k8 on seeds 0 and 7
+    for seed in (None, 7):
+        save_json(point_path(tmp_path, "cpu", seed) / "results" / "02_probe.json", results(["k2", "k8"]))
+    best = [{"preset": "cpu", "seed": s, "model": m, "blocks": k, "family": "motion", "pooling": "mean",
+             "best layer": 0.6, "vs random init": 0.4, "vs E2E": lead}
+            for s in (0, 7) for m, k, lead in (("e2e", 1, ""), ("k2", 2, -0.1), ("k8", 8, 0.02 + s / 100))]
+    said = _claims(tmp_path, main, None, {"parameters": {"preset": "cpu", "seed": 0}},
+                   {"seeds": [0, 7], "best_rows": best})
+    k8 = {line["claim"]: line["what the numbers say"] for line in said["lines"] if line["run"] == "k8"}
+    assert k8["1. BWSSL gets close to E2E, over seeds"] == \
+        "1 ahead on every seed, 0 mixed, 0 behind on every seed (of 1)"
+    assert k8["2. information is decodable earlier, over seeds"] == "2 earlier, 0 same, 0 later (of 2)"
+    assert k8["3. late blocks saturate, over seeds"].startswith("2.00, 2.00 (E2E 0.50, 0.50)")
+    assert {line["run"] for line in said["lines"] if "over seeds" not in line["claim"]} == {"k2"}  # seed 0 alone
