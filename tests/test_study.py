@@ -107,8 +107,12 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     assert main(["report", "--study", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["report"] == str(out / "report.html") and "The paper's claims" in (out / "report.html").read_text()
-    assert [c["claim"] for c in printed["claims"]][:2] == ["1. BWSSL gets close to E2E",
-                                                          "2. information is decodable earlier"]
+    said = [(c["claim"], c["run"]) for c in printed["claims"]]
+    assert said[0] == ("1. BWSSL gets close to E2E", "bwssl-k2")
+    # K=4 only the sweep trained (seeds 0 and 1): its claims over seeds, from the sweep's points
+    assert {c for c, run in said if run == "bwssl-k4"} == {"1. BWSSL gets close to E2E, over seeds",
+                                                          "2. information is decodable earlier, over seeds",
+                                                          "3. late blocks saturate, over seeds"}
     assert main(["report", "--study", str(tmp_path / "data")]) == 2
     assert "not a study folder" in capsys.readouterr().err
 
