@@ -200,12 +200,15 @@ def _line(claim: str, run: str, measure: str, says: str) -> dict:
 
 
 def _seed_lines(seeded: list[dict], name: str) -> list[dict]:
-    """Claim 1 over seeds for one run (seed_rows), as a line; none without seeds."""
+    """Claim 1 over seeds for one run (seed_rows), as a line; none without seeds. With no real difference a lead
+    is as likely either side of 0 on each seed, so a row has one sign on all n seeds by chance with probability
+    2 * 2**-n; the count that chance alone gives, whatever the rows share, is said beside it."""
     seeds = [r for r in seeded if r["run"] == name]
+    chance = sum(2.0 ** -r["seeds"] for r in seeds)  # expected rows "ahead on every seed" (and as many behind)
     return [_line("1. BWSSL gets close to E2E, over seeds", name, f"best layer's lead over E2E of the same seed, "
                   f"{seeds[0]['seeds']} seeds of the sweep's {seeds[0]['preset']} point",
-                  _count([r["BWSSL is"] for r in seeds], ("ahead on every seed", "mixed", "behind on every seed")))
-            ] if seeds else []
+                  _count([r["BWSSL is"] for r in seeds], ("ahead on every seed", "mixed", "behind on every seed"))
+                  + f"; chance alone: {chance:.2g} ahead and {chance:.2g} behind on every seed")] if seeds else []
 
 
 def summary(probe: dict, analysis: dict, reference: str, n: int, attention: dict[str, list[dict]] | None = None,

@@ -106,6 +106,9 @@ def test_over_seeds_a_lead_counts_when_it_has_one_sign_on_every_seed():
     assert set(rows) == {"motion", "shape"} and rows["motion"]["seeds"] == 3
     assert rows["motion"]["vs E2E"] == pytest.approx(0.02) and rows["motion"]["sd"] == pytest.approx(0.01)
     assert rows["motion"]["BWSSL is"] == "ahead on every seed" and rows["shape"]["BWSSL is"] == "mixed"
+    line = claims._seed_lines(claims.seed_rows(best), "k2")[0]["what the numbers say"]
+    assert line == "1 ahead on every seed, 1 mixed, 0 behind on every seed (of 2); chance alone: 0.25 ahead and " \
+                   "0.25 behind on every seed"  # two rows, each of one sign on 3 seeds with probability 1/8
 
 
 def test_claims_2_and_3_over_seeds_count_every_seed_of_the_runs_they_all_have():
@@ -233,7 +236,8 @@ def test_a_run_only_the_sweep_trained_gets_its_claims_over_seeds(tmp_path):
                    {"seeds": [0, 7], "best_rows": best})
     k8 = {line["claim"]: line["what the numbers say"] for line in said["lines"] if line["run"] == "k8"}
     assert k8["1. BWSSL gets close to E2E, over seeds"] == \
-        "1 ahead on every seed, 0 mixed, 0 behind on every seed (of 1)"
+        "1 ahead on every seed, 0 mixed, 0 behind on every seed (of 1); chance alone: 0.25 ahead and 0.25 behind " \
+        "on every seed"  # one row over two seeds: each sign on both seeds one time in four
     assert k8["2. information is decodable earlier, over seeds"] == "2 earlier, 0 same, 0 later (of 2)"
     assert k8["3. late blocks saturate, over seeds"].startswith("2.00, 2.00 (E2E 0.50, 0.50)")
     assert {line["run"] for line in said["lines"] if "over seeds" not in line["claim"]} == {"k2"}  # seed 0 alone
