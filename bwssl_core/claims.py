@@ -281,10 +281,10 @@ def over_seeds(said: dict[int, dict]) -> list[dict]:
     lines = []
     runs = [{r["run"]: None for r in s["close"]} for s in said.values()]
     probed = set.intersection(*({(r["family"], r["pooling"]) for r in s["close"]} for s in said.values()))
+    pools = ", ".join(sorted({p for _, p in probed} - {"attentive"}))  # the attentive probe has no onset
     for name in (m for m in runs[0] if all(m in r for r in runs)):  # the runs every seed trained
         onsets = [r for s in said.values() for r in s["earlier"] if r["run"] == name
                   and (r["family"], r["pooling"]) in probed]
-        pools = ", ".join(sorted({p for _, p in probed} - {"attentive"}))
         lines.append(_line("2. information is decodable earlier, over seeds", name,
                            f"as above, seeds {seeds}, poolings {pools}", _onsets(onsets)))
         ratios = [({r["model"]: r["second / first"] for r in s["saturate"]}) for s in said.values()]
