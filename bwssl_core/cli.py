@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("probe", help="per-layer linear probes and retrieval of a run, with controls",
                        formatter_class=_Help)
-    q.add_argument("--run", required=True, help="run folder with checkpoint.pt")
+    q.add_argument("--run", required=True, help="run folder with checkpoint.pt (trained, or `bwssl import`)")
     q.add_argument("--data", required=True, help="data folder with train.csv and val.csv (metadata.csv: all families)")
     q.add_argument("--families", help="comma-separated label families (default: all the data has)")
     q.add_argument("--sampling-rate", type=int, help="default: 1 for a `bwssl synth` folder, else 4")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="CKA, representational change and attention metrics of a run",
                        formatter_class=_Help)
-    a.add_argument("--run", required=True, help="run folder with checkpoint.pt")
+    a.add_argument("--run", required=True, help="run folder with checkpoint.pt (trained, or `bwssl import`)")
     a.add_argument("--vs", help="a second run: adds the CKA matrix between the two runs' layers")
     a.add_argument("--data", required=True, help="data folder; its validation clips are analysed")
     a.add_argument("--split", default="val")
@@ -113,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sampling-rate", type=int, help="default: 1 for a `bwssl synth` folder, else 4")
     a.add_argument("--device", help="default: the local GPU if any")
     a.add_argument("--overwrite", action="store_true", help="replace the run's analyze.json")
+
+    im = sub.add_parser("import", help="official VideoMAE or HF transformers weights as a run folder (for probe, "
+                        "analyze and load_run)", formatter_class=_Help)
+    im.add_argument("--weights", required=True, help="an official pretraining checkpoint (.pth) or an HF "
+                    "transformers folder (save_pretrained: config.json and the weights)")
+    im.add_argument("--out", required=True, help="run folder to write (config.json, checkpoint.pt)")
+    for name in ("img_size", "num_frames", "num_heads", "dec_heads"):
+        im.add_argument("--" + name.replace("_", "-"), type=int, help="override the weights' config "
+                        "(official checkpoints do not carry clip size, frames or heads: ViT-S to ViT-H take "
+                        "VideoMAE's)")
+    im.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
     st = sub.add_parser("study", help="run the study notebooks with Papermill, then write report.html",
                         formatter_class=_Help)
@@ -246,6 +257,15 @@ def _open_run(args, result: str):
     return out, device, load_run(args.run, device)
 
 
+def cmd_import(args) -> None:
+    from .interop import import_run
+
+    overrides = {k: getattr(args, k) for k in ("img_size", "num_frames", "num_heads", "dec_heads")
+                 if getattr(args, k) is not None}
+    config = import_run(args.weights, args.out, args.overwrite, **overrides)
+    print(json.dumps({"out": str(args.out), **config["imported"]}))
+
+
 def cmd_probe(args) -> None:
     from .evaluate import best_layer_table, depthwise, load_split
     from .io import save_json
@@ -331,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_probe(args)
         elif args.command == "analyze":
             cmd_analyze(args)
+        elif args.command == "import":
+            cmd_import(args)
         elif args.command == "study":
             cmd_study(args)
         elif args.command == "report":

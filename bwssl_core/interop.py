@@ -8,6 +8,7 @@ set pos_embed="1d". HF takes pixel_values as (B, T, C, H, W); ours, like the off
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -134,7 +135,67 @@ def load_official(path: str | Path, **overrides) -> VideoMAE:
         raise ConfigError(f"{path}: cannot load with weights_only=True ({err.__class__.__name__}: "
                           f"{str(err).splitlines()[0][:200]})") from None
     sd = obj.get("model", obj.get("module", obj)) if isinstance(obj, dict) else None
+    if isinstance(sd, dict) and any(str(k).startswith("videomae.") for k in sd):
+        raise ConfigError(f"{path}: HF transformers weights: pass the folder that holds them and its config.json")
     if not isinstance(sd, dict) or "encoder.patch_embed.proj.weight" not in sd:
         raise ConfigError(f"{path}: not an official VideoMAE pretraining checkpoint "
                           f"(expected a state dict with 'encoder.patch_embed.proj.weight')")
     return load_converted(VideoMAE(config_from_official(sd, **overrides)), sd)
+
+
+
+def load_hf_folder(folder: str | Path, **overrides) -> tuple[VideoMAE, list[str]]:
+    """Our E2E model from an HF transformers VideoMAE folder (`save_pretrained`: config.json and the
+    weights), and the HF names of the weights the folder did not hold. A classification or bare-encoder
+    folder has no decoder: the encoder loads and the decoder keeps its initialisation (those names); a
+    missing encoder weight is an error."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(f"{folder}: reading an HF transformers folder needs transformers "
+                          "(pip install transformers)") from None
+    try:
+        hf, info = transformers.VideoMAEForPreTraining.from_pretrained(folder, output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{folder}: not an HF VideoMAE folder ({str(err).splitlines()[0][:200]})") from None
+    missing = sorted(info["missing_keys"])
+    encoder = [k for k in missing if k.startswith("videomae.")]
+    if encoder:
+        raise ConfigError(f"{folder}: encoder weights missing from the folder: {encoder[:8]}")
+    model = VideoMAE(config_from_hf(hf.config, **overrides))
+    return load_converted(model, hf_to_official(hf.state_dict())), missing
+
+
+def import_run(weights: str | Path, out: str | Path, overwrite: bool = False, **overrides) -> dict:
+    """Write official or HF VideoMAE weights as a run folder (config.json, checkpoint.pt) that `bwssl
+    probe`, `bwssl analyze` and `train.load_run` take like a trained run. `weights`: an official
+    pretraining checkpoint (a file) or an HF folder. Returns the config written, whose "imported" part
+    names the source, its files' SHA-256 and the weights it did not hold."""
+    from .config import TrainConfig, to_dict
+    from .io import save_checkpoint, save_json
+    from .train import claim_folder
+
+    weights, out = Path(weights), Path(out)
+    if weights.is_file():
+        model, kind, missing, files = load_official(weights, **overrides), "official", [], [weights]
+    elif weights.is_dir():
+        (model, missing), kind = load_hf_folder(weights, **overrides), "hf"
+        files = sorted(p for p in weights.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt"))
+    else:
+        raise ConfigError(f"{weights}: no such file or folder (expected an official VideoMAE checkpoint "
+                          "or an HF transformers folder)")
+    claim_folder(out, overwrite, resumable=False)
+    config = {"model": to_dict(model.cfg), "train": to_dict(TrainConfig()), "world_size": 1,
+              "imported": {"weights": str(weights), "format": kind, "not_in_weights": missing,
+                           "sha256": {p.name: _sha256(p) for p in files}}}
+    save_json(out / "config.json", config)
+    save_checkpoint(out / "checkpoint.pt", {"model": model.state_dict(), "step": 0, "config": config})
+    return config
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -36,14 +36,15 @@ RESUMABLE = {"log_every", "ckpt_every", "compile"}
 _NONE = torch.iinfo(torch.int64).max  # "no non-finite loss yet" in Trainer.first_bad
 
 
-def claim_folder(out: Path, overwrite: bool = False, also=("bad_videos.txt",)) -> None:
+def claim_folder(out: Path, overwrite: bool = False, also=("bad_videos.txt",), resumable: bool = True) -> None:
     """Make `out` ready for a new run: refuse a folder that holds one, unless overwrite, which deletes
     the run's files (and `also`, files written beside them)."""
     out = Path(out)
     existing = [f for f in RUN_FILES if (out / f).exists()]
     if existing and not overwrite:
-        raise RunError(f"{out} already holds a run ({', '.join(existing)}): pass --resume to continue "
-                       f"it, --overwrite to replace it, or choose another --out")
+        resume = "pass --resume to continue it, " if resumable else ""
+        raise RunError(f"{out} already holds a run ({', '.join(existing)}): {resume}pass --overwrite to replace "
+                       f"it, or choose another --out")
     if existing:  # and overwrite
         for f in (*existing, *also):
             (out / f).unlink(missing_ok=True)
@@ -189,6 +190,9 @@ class Trainer:
         ckpt = self.out / "checkpoint.pt"
         if resume:
             state = load_checkpoint(ckpt, map_location=self.device)
+            if "imported" in state["config"]:
+                raise RunError(f"{ckpt}: weights imported with `bwssl import`, not a training run: no optimiser "
+                               "state or step to resume from")
             saved = with_defaults(state["config"])
             now = {k: v for k, v in self.config.items() if k != "train"}
             saved["train"] = {k: v for k, v in saved["train"].items() if k not in RESUMABLE}

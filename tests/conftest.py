@@ -19,6 +19,17 @@ def clips():
     return make
 
 
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """A labelled synthetic data folder (`bwssl synth`) at the tiny preset's clip size: 40 + 16 clips."""
+    from bwssl_core.cli import main
+
+    data = tmp_path_factory.mktemp("synth")
+    assert main(["synth", "--out", str(data), "--n-train", "40", "--n-val", "16", "--size", "32", "--frames", "4",
+                 "--workers", "1"]) == 0
+    return data
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -86,14 +86,6 @@ def test_resume_and_refusals(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
 
 
-@pytest.fixture(scope="module")
-def synth_data(tmp_path_factory):
-    data = tmp_path_factory.mktemp("synth")
-    assert main(["synth", "--out", str(data), "--n-train", "40", "--n-val", "16", "--size", "32", "--frames", "4",
-                 "--workers", "1"]) == 0
-    return data
-
-
 def test_pretrain_from_a_data_folder_and_its_cache(tmp_path, synth_data):
     cache = tmp_path / "cache"
     assert main(["cache", "--list", str(synth_data / "train.csv"), "--out", str(cache)]) == 0

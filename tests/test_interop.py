@@ -78,3 +78,72 @@ def test_presets_are_videomaes_sizes():
         c = model_config(name)
         assert (c.embed_dim, c.depth, c.num_heads, c.dec_dim, c.dec_heads) == sizes, name
         assert (c.dec_depth, c.patch_size, c.tubelet_size, c.img_size, c.num_frames) == (4, 16, 2, 224, 16), name
+
+
+def test_imported_weights_probe_and_analyze_from_the_command_line(tmp_path, synth_data, capsys):
+    """`bwssl import` turns an HF folder and an official checkpoint of the same weights into run folders
+    that load, probe and analyze like trained runs; the two imports are the same model."""
+    import json
+
+    from bwssl_core.cli import main
+    from bwssl_core.train import load_run
+
+    hf = _hf_model(use_mean_pooling=False)
+    folder, official = tmp_path / "hf", tmp_path / "videomae_pretrain.pth"
+    hf.save_pretrained(folder)
+    torch.save({"model": hf_to_official(hf.state_dict())}, official)
+    reference = from_hf(hf).state_dict()
+    sizes = ["--img-size", "32", "--num-frames", "4", "--num-heads", "3", "--dec-heads", "2"]
+    for source, flags, kind in ((folder, [], "hf"), (official, sizes, "official")):
+        run = tmp_path / f"run-{kind}"
+        assert main(["import", "--weights", str(source), "--out", str(run), *flags]) == 0
+        model, config = load_run(run)
+        assert [k for k, v in reference.items() if not torch.equal(model.state_dict()[k], v)] == []
+        assert config["imported"]["format"] == kind and config["imported"]["not_in_weights"] == []
+        assert len(next(iter(config["imported"]["sha256"].values()))) == 64
+    capsys.readouterr()
+    assert main(["probe", "--run", str(tmp_path / "run-hf"), "--data", str(synth_data), "--families", "motion",
+                 "--device", "cpu"]) == 0
+    results = json.loads((tmp_path / "run-hf" / "probe.json").read_text())["results"]
+    assert set(results) == {"trained", "random_init", "pixels"} and len(results["trained"]["mean"]["motion"]["acc"]) == 3
+    assert main(["analyze", "--run", str(tmp_path / "run-hf"), "--vs", str(tmp_path / "run-official"),
+                 "--data", str(synth_data), "--batch-size", "8", "--device", "cpu"]) == 0
+    cross = json.loads((tmp_path / "run-hf" / "analyze.json").read_text())["cka_across"]
+    assert [round(cross[i][i], 4) for i in range(3)] == [1.0] * 3  # the same weights, layer by layer
+    # an import never replaces a run, and an imported run has nothing to resume
+    capsys.readouterr()
+    assert main(["import", "--weights", str(folder), "--out", str(tmp_path / "run-hf")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" not in err
+    assert main(["pretrain", "--out", str(tmp_path / "run-hf"), "--resume", "--data", "synthetic", "--preset", "tiny",
+                 "--steps", "2", "--device", "cpu"]) == 2
+    assert "imported with `bwssl import`, not a training run" in capsys.readouterr().err
+
+
+def test_import_of_an_encoder_without_decoder_and_of_what_is_not_videomae(tmp_path, capsys):
+    from bwssl_core.cli import main
+    from bwssl_core.train import load_run
+
+    cfg = _hf_model().config
+    classifier = transformers.VideoMAEForVideoClassification(cfg).eval()  # mean pooling: no final encoder norm
+    classifier.save_pretrained(tmp_path / "cls")
+    assert main(["import", "--weights", str(tmp_path / "cls"), "--out", str(tmp_path / "run")]) == 0
+    model, config = load_run(tmp_path / "run")
+    missing = config["imported"]["not_in_weights"]
+    assert missing and all(k.startswith(("decoder.", "encoder_to_decoder", "mask_token")) for k in missing)
+    video = torch.randn(2, 4, 3, 32, 32)  # HF layout
+    with torch.no_grad():
+        hf_out = classifier.videomae(pixel_values=video, output_hidden_states=True).hidden_states[1:]
+        ours = model.forward_intermediates(from_hf_pixel_values(video))
+    for a, b in zip(ours, hf_out):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    hf_file = tmp_path / "hf_state.pth"
+    torch.save(classifier.state_dict(), hf_file)
+    bad = {tmp_path / "hf_state.pth": "HF transformers weights: pass the folder",
+           tmp_path / "nothing": "no such file or folder",
+           tmp_path: "not an HF VideoMAE folder"}
+    for source, message in bad.items():
+        capsys.readouterr()
+        assert main(["import", "--weights", str(source), "--out", str(tmp_path / "other")]) == 2, source
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
