@@ -143,7 +143,6 @@ def load_official(path: str | Path, **overrides) -> VideoMAE:
     return load_converted(VideoMAE(config_from_official(sd, **overrides)), sd)
 
 
-
 def load_hf_folder(folder: str | Path, **overrides) -> tuple[VideoMAE, list[str]]:
     """Our E2E model from an HF transformers VideoMAE folder (`save_pretrained`: config.json and the
     weights), and the HF names of the weights the folder did not hold. A classification or bare-encoder
