@@ -15,6 +15,7 @@ from .listfile import DataError
 _MODEL_FLAGS = [f for f in dataclasses.fields(ModelConfig) if f.name != "partition"]
 _TRAIN_FLAGS = list(dataclasses.fields(TrainConfig))
 _DATA_FLAGS = list(dataclasses.fields(DataConfig))
+_IMPORT_OVERRIDES = ("img_size", "num_frames", "num_heads", "dec_heads")  # `bwssl import`'s config flags
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--weights", required=True, help="an official pretraining checkpoint (.pth) or an HF "
                     "transformers folder (save_pretrained: config.json and the weights)")
     im.add_argument("--out", required=True, help="run folder to write (config.json, checkpoint.pt)")
-    for name in ("img_size", "num_frames", "num_heads", "dec_heads"):
+    for name in _IMPORT_OVERRIDES:
         im.add_argument("--" + name.replace("_", "-"), type=int, help="override the weights' config "
                         "(official checkpoints do not carry clip size, frames or heads: ViT-S to ViT-H take "
                         "VideoMAE's)")
@@ -260,8 +261,7 @@ def _open_run(args, result: str):
 def cmd_import(args) -> None:
     from .interop import import_run
 
-    overrides = {k: getattr(args, k) for k in ("img_size", "num_frames", "num_heads", "dec_heads")
-                 if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in _IMPORT_OVERRIDES if getattr(args, k) is not None}
     config = import_run(args.weights, args.out, args.overwrite, **overrides)
     print(json.dumps({"out": str(args.out), **config["imported"]}))
 
