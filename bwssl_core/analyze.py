@@ -25,14 +25,18 @@ def pooled_layers(model: VideoMAE, clips: torch.Tensor, batch_size: int, device)
 
 
 def analyze(model: VideoMAE, clips: torch.Tensor, other: VideoMAE | None = None, batch_size: int = 50,
-            attention_clips: int = 8, knn: int = 10, device="cpu") -> dict:
+            attention_clips: int = 8, knn: int = 10, device="cpu", other_clips: torch.Tensor | None = None) -> dict:
     """CKA across layers (minibatch, over fixed batches of `batch_size` clips; a short last batch is
     left out of CKA only), change between consecutive layers, effective rank and attention metrics
     over the first `attention_clips` clips (none when 0).
-    clips: uint8 (N, C, T, H, W). With `other`, also the CKA matrix between the two models' layers."""
+    clips: uint8 (N, C, T, H, W). With `other`, also the CKA matrix between the two models' layers, over
+    the same videos: `other_clips` where `other` reads them at its own clip size, else `clips`."""
     usable = len(clips) // batch_size * batch_size
     if usable < batch_size:
         raise ConfigError(f"{len(clips)} clips, fewer than one CKA batch of {batch_size}")
+    other_clips = clips if other_clips is None else other_clips
+    if other is not None and len(other_clips) != len(clips):
+        raise ConfigError(f"other_clips: {len(other_clips)} clips, expected the same {len(clips)} videos as clips")
     pooled, token_change = pooled_layers(model, clips, batch_size, device)
     out = {"layers": len(pooled), "clips": len(clips), "cka_clips": usable,
            "token_relative_change": token_change, "pooled_relative_change": relative_change(pooled),
@@ -43,7 +47,7 @@ def analyze(model: VideoMAE, clips: torch.Tensor, other: VideoMAE | None = None,
         within.update([p[i:i + batch_size] for p in pooled])
     out["cka_within"] = within.compute().tolist()
     if other is not None:
-        other_pooled, other_change = pooled_layers(other, clips, batch_size, device)
+        other_pooled, other_change = pooled_layers(other, other_clips, batch_size, device)
         across = MinibatchCKA()
         for i in range(0, usable, batch_size):
             across.update([p[i:i + batch_size] for p in pooled], [p[i:i + batch_size] for p in other_pooled])

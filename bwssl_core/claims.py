@@ -212,10 +212,17 @@ def _seed_lines(seeded: list[dict], name: str) -> list[dict]:
 
 
 def summary(probe: dict, analysis: dict, reference: str, n: int, attention: dict[str, list[dict]] | None = None,
-            uniform: dict | None = None, sweep: list[dict] | None = None) -> dict | None:
+            uniform: dict | None = None, sweep: list[dict] | None = None,
+            blocks: dict[str, int] | None = None) -> dict | None:
     """Every claim's rows, and one line per claim and BWSSL run saying what the numbers show (`sweep`: the
     sweep's best-layer rows, for claim 1 over seeds); None where there is nothing to compare (no reference run,
-    or no other run beside it)."""
+    or no other run beside it). `blocks` (run: its number of blocks) leaves out the runs other than the
+    reference that train in one block, such as imported VideoMAE weights probed beside the study's runs: the
+    claims compare BWSSL with E2E."""
+    if blocks:
+        one_block = {k for k in blocks if k != reference and blocks[k] == 1}  # controls: not in blocks
+        probe, analysis, attention = ({k: v for k, v in d.items() if k not in one_block} if d else d
+                                      for d in (probe, analysis, attention))
     if reference not in probe or len(probe) < 2:
         return None
     close, earlier = close_rows(probe, reference, n), earlier_rows(probe, reference, n)

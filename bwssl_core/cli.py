@@ -290,16 +290,17 @@ def cmd_probe(args) -> None:
 
 def cmd_analyze(args) -> None:
     from .analyze import analyze
-    from .evaluate import load_split
+    from .evaluate import clip_shape, load_split
     from .io import save_json
     from .train import load_run
 
     out, device, (model, _) = _open_run(args, "analyze.json")
     other = load_run(args.vs, device)[0] if args.vs else None
-    if other is not None and other.cfg.grid != model.cfg.grid:
-        raise ConfigError(f"--vs {args.vs}: token grid {other.cfg.grid}, expected {model.cfg.grid} as {args.run}")
     clips, _ = load_split(args.data, args.split, model.cfg, args.sampling_rate)
-    result = analyze(model, clips, other, batch_size=args.batch_size, device=device)
+    other_clips = None  # the same videos, read at --vs's own clip size where it differs
+    if other is not None and clip_shape(other.cfg) != clip_shape(model.cfg):
+        other_clips, _ = load_split(args.data, args.split, other.cfg, args.sampling_rate)
+    result = analyze(model, clips, other, batch_size=args.batch_size, device=device, other_clips=other_clips)
     save_json(out, {"run": str(args.run), "vs": args.vs, "data": str(args.data), **result})
     print(json.dumps({"out": str(out), "layers": result["layers"], "clips": result["clips"]}))
 

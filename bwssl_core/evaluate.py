@@ -19,6 +19,11 @@ from .probe import POOLINGS, ProbeSpace, feature_precision, layer_features, near
     probe_spaces, recall_at
 
 
+def clip_shape(cfg: ModelConfig) -> tuple[int, int]:
+    """(frames, pixels): the clip size `load_split` reads for a model; models that share it share the clips."""
+    return cfg.num_frames, cfg.img_size
+
+
 def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: int | None = None):
     """One centre clip per video of `data/<split>.csv` as uint8 (N, C, T, H, W), and its labels:
     every family of metadata.csv when the folder has one (as `bwssl synth` writes), else the list

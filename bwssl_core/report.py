@@ -36,14 +36,16 @@ def _claims(study: Path, probe: dict, patches: dict | None, pre: dict | None, sw
     main = (pre or {}).get("parameters", {})  # notebook 01's: the preset and seed of the study's own runs
     preset = main.get("preset")
     seeds = [r for r in (sweep or {}).get("best_rows", []) if r["preset"] == preset]
-    said = claims.summary(probe["probe"], probe["analysis"], probe["reference"], n, attention, uniform, seeds)
+    said = claims.summary(probe["probe"], probe["analysis"], probe["reference"], n, attention, uniform, seeds,
+                          probe.get("blocks"))
     # each seed's summary, from its sweep point; the main seed's point, where the sweep made one, holds the study's
     # runs (linked in) and those the sweep trained beside them, probed as the other seeds' were
     own, per_seed = main.get("seed", 0), {}
     for seed in (sweep or {}).get("seeds", []):
         other = _load(point_path(study, preset, None if seed == own else seed), "02_probe")
         if other and other.get("analysis"):
-            per_seed[seed] = claims.summary(other["probe"], other["analysis"], other["reference"], n)
+            per_seed[seed] = claims.summary(other["probe"], other["analysis"], other["reference"], n,
+                                            blocks=other.get("blocks"))
         elif seed == own:
             per_seed[seed] = said
     if said and len(per_seed) > 1 and all(per_seed.values()):

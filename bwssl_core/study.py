@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -25,6 +26,23 @@ def run_name(blocks: int) -> str:
 
 def run_dir(study: str | Path, name: str) -> Path:
     return Path(study) / "runs" / name
+
+
+def run_paths(study: str | Path, runs: list[str]) -> dict[str, Path]:
+    """{label: run folder} for a notebook's `runs`: a bare name is a run of the study (<study>/runs/<name>);
+    an entry with a path separator is a run folder anywhere (`bwssl import` wrote it, or another study
+    trained it), labelled by its folder's name."""
+    out = {}
+    for entry in runs:
+        label, path = (Path(entry).name, Path(entry)) if "/" in entry or os.sep in entry else \
+            (entry, run_dir(study, entry))
+        if label in out:
+            raise ConfigError(f"runs: {entry!r} and {str(out[label])!r} would both be labelled {label!r}")
+        if not (path / "checkpoint.pt").is_file():
+            raise ConfigError(f"runs: {entry!r} has no run at {path} (no checkpoint.pt): a run of the study is "
+                              f"named as under {run_dir(study, '')}, any other run folder by its path")
+        out[label] = path
+    return out
 
 
 def results_path(study: str | Path, notebook: str) -> Path:

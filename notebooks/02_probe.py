@@ -24,27 +24,33 @@
 # token-level attentive probe on chosen layers; CKA within and across runs; how much each layer
 # changes its input. Every curve has its controls: the same architecture at random initialisation
 # and raw pixels. Features and probe results are cached under `<study>/features/` by content.
+#
+# Besides the study's runs, `runs` takes any run folder by its path, such as official or HF VideoMAE
+# weights that `bwssl import` wrote: each run reads the same videos at its own clip size. The tables'
+# controls are the reference run's architecture; each run's gain over random init is over its own. The
+# claims compare the blockwise runs with the reference; other one-block runs are probed, not claimed about.
 
 # %%
 import time
+from pathlib import Path
 
 import plotly.io as pio
 
 from bwssl_core import claims, figures, notebook, viz
 from bwssl_core.analyze import analyze
-from bwssl_core.evaluate import depthwise, load_split, random_init
+from bwssl_core.evaluate import clip_shape, depthwise, load_split, random_init
 from bwssl_core.figures import (attentive_curve_figure, attentive_rows, best_gain, best_layers, change_figure,
                                  cka_figure, final_table, html_table, probe_figure)
 from bwssl_core.io import save_json
-from bwssl_core.study import results_path, run_dir
+from bwssl_core.study import results_path, run_paths
 from bwssl_core.train import load_run, resolve_device
 from IPython.display import HTML, display
 
 # %% tags=["parameters"]
 study = "runs/study-demo"  # the study folder: runs/<name>/ inside
 data = "data/synth"  # data folder with train.csv, val.csv (and metadata.csv: every label family)
-runs = ["e2e", "bwssl-k2"]  # run names under <study>/runs/
-reference = "e2e"  # the run the final table's gaps are measured against
+runs = ["e2e", "bwssl-k2"]  # run names under <study>/runs/, or paths of other run folders (`bwssl import`)
+reference = "e2e"  # the run the final table's gaps are measured against (a path's run: its folder's name)
 families = []  # label families to probe; empty: all the data has
 poolings = ["mean", "slices", "grid"]  # mean (the paper's standard), temporal slices, space-time grid
 attentive_layers = [-1]  # layers for the token-level attentive probe; empty: none
@@ -56,11 +62,17 @@ device = "auto"  # "auto": the local GPU if any, else the CPU
 P = notebook.parameters(globals(), "02_probe")
 pio.renderers.default = viz.static_renderer()
 dev = str(resolve_device(None if device == "auto" else device))
-models = {name: load_run(run_dir(study, name), dev) for name in runs}
-cfg = models[runs[0]][0].cfg
-train = load_split(data, "train", cfg)
-val = load_split(data, "val", cfg)
-print("train", tuple(train[0].shape), "validation", tuple(val[0].shape), "families", list(train[1]))
+models = {name: load_run(path, dev) for name, path in run_paths(study, runs).items()}
+reference = Path(reference).name  # a run given by its path is labelled by its folder's name
+splits = {}  # clip shape (frames, pixels) -> (train, val): the same videos, read at each run's own size
+for model, _ in models.values():
+    if clip_shape(model.cfg) not in splits:
+        splits[clip_shape(model.cfg)] = tuple(load_split(data, split, model.cfg) for split in ("train", "val"))
+        train, val = splits[clip_shape(model.cfg)]
+        print(clip_shape(model.cfg), "train", tuple(train[0].shape), "validation", tuple(val[0].shape),
+              "families", list(train[1]))
+clips = {name: splits[clip_shape(model.cfg)] for name, (model, _) in models.items()}  # name -> (train, val)
+val = clips[reference if reference in clips else next(iter(clips))][1]
 
 # %% [markdown]
 # ## Linear probe and retrieval, layer by layer
@@ -69,8 +81,8 @@ print("train", tuple(train[0].shape), "validation", tuple(val[0].shape), "famili
 probe, seconds = {}, {}
 for name, (model, config) in models.items():
     tic = time.perf_counter()
-    probe[name] = depthwise(model, train, val, families or None, poolings, seed=config["train"]["seed"], device=dev,
-                            cache=f"{study}/features", attentive_layers=attentive_layers,
+    probe[name] = depthwise(model, *clips[name], families or None, poolings, seed=config["train"]["seed"],
+                            device=dev, cache=f"{study}/features", attentive_layers=attentive_layers,
                             attentive_families=attentive_families or None,
                             meta={"run": name, "config": config, "data": data})
     seconds[name] = time.perf_counter() - tic
@@ -103,7 +115,8 @@ ref_model = models[reference][0] if reference in models else None
 analysis = {}
 for name, (model, _) in models.items():
     other = ref_model if name != reference else None
-    analysis[name] = analyze(model, val[0], other, batch_size=cka_batch, attention_clips=0, device=dev)  # attention: 03
+    analysis[name] = analyze(model, clips[name][1][0], other, batch_size=cka_batch, attention_clips=0, device=dev,
+                             other_clips=val[0])  # attention: notebook 03
     cka_figure(analysis[name]["cka_within"], f"CKA within {name}").show()
     if other is not None:
         cka_figure(analysis[name]["cka_across"], f"CKA across: {name} (rows) vs {reference} (columns)",
@@ -137,7 +150,8 @@ display(HTML(html_table(layers)))
 # only. Claim 4's attention comes from notebook 03: the report has it.
 
 # %%
-said = claims.summary(probe, analysis, reference, len(val[0]))  # None: no reference run, or nothing beside it
+blocks = {name: len(model.cfg.partition) for name, (model, _) in models.items()}
+said = claims.summary(probe, analysis, reference, len(val[0]), blocks=blocks)  # None: nothing to compare
 if said:
     display(HTML(html_table(said["lines"], text=True)))
     for key, title in claims.TABLES.items():
@@ -145,6 +159,6 @@ if said:
 
 # %%
 save_json(results_path(study, "02_probe"), {"notebook": "02_probe", "parameters": P, "poolings": poolings,
-                                            "val_clips": len(val[0]), "reference": reference, "probe": probe,
-                                            "analysis": analysis, "table": table, "best_gain": gains,
+                                            "val_clips": len(val[0]), "reference": reference, "blocks": blocks,
+                                            "probe": probe, "analysis": analysis, "table": table, "best_gain": gains,
                                             "best_layers": layers, "seconds": seconds})

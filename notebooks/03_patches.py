@@ -16,9 +16,9 @@
 # %% [markdown]
 # # 03 Patches: attention, patch influence and reconstructions, E2E against BWSSL
 #
-# One clip of the data split, through each run of the study. The live panel (JupyterLab) scrubs
-# attention maps by run, block, layer, head, frame and query patch; the static figures below it
-# are what survives in the saved notebook. Attention is measured over all tokens of the clip (no
+# One clip of the data split, through each run of the study (or any run folder of the same clip size,
+# given by its path). The live panel (JupyterLab) scrubs attention maps by run, block, layer, head,
+# frame and query patch; the static figures below it are what survives in the saved notebook. Attention is measured over all tokens of the clip (no
 # mask), and the figures by layer average it over the first `attention_clips` clips of the split;
 # reconstructions use one fixed tube mask, the same for every run.
 
@@ -27,15 +27,16 @@ import plotly.io as pio
 import torch
 
 from bwssl_core import figures, notebook, viz
-from bwssl_core.evaluate import load_split, random_init
+from bwssl_core.config import ConfigError
+from bwssl_core.evaluate import clip_shape, load_split, random_init
 from bwssl_core.io import save_json
-from bwssl_core.study import results_path, run_dir
+from bwssl_core.study import results_path, run_paths
 from bwssl_core.train import load_run, resolve_device
 
 # %% tags=["parameters"]
 study = "runs/study-demo"  # the study folder (bwssl study): runs/<name>/ inside
 data = "data/synth"  # data folder with <split>.csv
-runs = ["e2e", "bwssl-k2"]  # run names under <study>/runs/
+runs = ["e2e", "bwssl-k2"]  # run names under <study>/runs/, or paths of other run folders (`bwssl import`)
 clip = 0  # index of the clip in the split
 attention_clips = 16  # the first clips of the split whose attention the figures by layer average
 split = "val"
@@ -54,12 +55,17 @@ torch.manual_seed(0)
 
 # %%
 models, configs = {}, {}
-for name in runs:
-    models[name], configs[name] = load_run(run_dir(study, name), dev)
-cfg = models[runs[0]].cfg
+for name, path in run_paths(study, runs).items():
+    models[name], configs[name] = load_run(path, dev)
+first, cfg = next(iter(models)), next(iter(models.values())).cfg
+for name, model in models.items():  # one clip, one mask and one panel: every run must share the token grid
+    if (clip_shape(model.cfg), model.cfg.grid) != (clip_shape(cfg), cfg.grid):
+        raise ConfigError(f"runs: {name} reads {clip_shape(model.cfg)} (frames, pixels) clips into a "
+                          f"{model.cfg.grid} token grid, {first} {clip_shape(cfg)} into {cfg.grid}: notebook 03 "
+                          "shows runs of one clip size side by side (run it once per size; notebook 02 takes both)")
 video, labels = load_split(data, split, cfg)
 x = video[clip]  # uint8 (C, T, H, W)
-mask = models[runs[0]].random_mask(1, torch.Generator(device=dev).manual_seed(mask_seed))
+mask = models[first].random_mask(1, torch.Generator(device=dev).manual_seed(mask_seed))
 partitions = {name: m.cfg.partition for name, m in models.items()}
 many = video[:attention_clips]  # uint8 (N, C, T, H, W): the figures by layer average their attention
 diagnostics = {name: viz.run_diagnostics(m, x, mask, influence_method, many) for name, m in models.items()}
@@ -90,7 +96,7 @@ panel.widget
 # %%
 summaries = {n: d["layers"] for n, d in diagnostics.items()}
 control = figures.CONTROLS["random_init"]
-summaries[control] = viz.control_layers(random_init(cfg, configs[runs[0]]["train"]["seed"]).to(dev), many)
+summaries[control] = viz.control_layers(random_init(cfg, configs[first]["train"]["seed"]).to(dev), many)
 uniform = viz.uniform_attention(cfg)  # the chance level: what attention spread over all tokens gives
 viz.distance_figure(summaries, partitions, uniform)
 

@@ -147,3 +147,66 @@ def test_import_of_an_encoder_without_decoder_and_of_what_is_not_videomae(tmp_pa
         assert main(["import", "--weights", str(source), "--out", str(tmp_path / "other")]) == 2, source
         assert message in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.timeout(400)
+def test_notebooks_take_an_imported_run_of_another_clip_size(tmp_path, synth_data, monkeypatch, capsys):
+    """Notebook 02 probes imported weights read at their own clip size beside the study's runs, with CKA against
+    the reference over the same videos, and keeps them out of the claims; notebook 03, which shows one clip
+    through every run, refuses them by name; `bwssl analyze --vs` compares across clip sizes too."""
+    import json
+
+    import papermill
+    from notebook_fixtures import jupyter_env, notebook_ipynb
+
+    from bwssl_core import claims
+    from bwssl_core.cli import main
+    from bwssl_core.study import results_path, run_paths
+    from bwssl_core.train import load_run
+
+    study = tmp_path / "study"
+    for name, extra in (("e2e", []), ("bwssl-k2", ["--blocks", "2"])):
+        assert main(["pretrain", "--preset", "tiny", "--data", str(synth_data), "--steps", "2", "--batch-size", "4",
+                     "--workers", "0", "--device", "cpu", "--out", str(study / "runs" / name), *extra]) == 0
+    hf = _hf_model(use_mean_pooling=False)  # 3 layers at 32 px: imported at 48 px, a 6 x 6 grid
+    hf.save_pretrained(tmp_path / "hf")
+    imported = tmp_path / "elsewhere" / "videomae"
+    assert main(["import", "--weights", str(tmp_path / "hf"), "--out", str(imported), "--img-size", "48"]) == 0
+    assert load_run(imported)[0].cfg.img_size == 48
+    with pytest.raises(ConfigError, match="would both be labelled 'videomae'"):
+        run_paths(study, [str(imported), str(tmp_path / "elsewhere" / ".." / "elsewhere" / "videomae")])
+    with pytest.raises(ConfigError, match="'e2f' has no run at"):
+        run_paths(study, ["e2e", "e2f"])
+
+    for var, value in jupyter_env(tmp_path / "jupyter").items():
+        monkeypatch.setenv(var, value)
+    runs = ["e2e", "bwssl-k2", str(imported)]
+
+    def execute(name, **parameters):
+        return papermill.execute_notebook(
+            str(notebook_ipynb(name, tmp_path / f"{name}.ipynb")), str(tmp_path / f"{name}-out.ipynb"),
+            cwd=str(tmp_path), kernel_name="python3", progress_bar=False,
+            parameters={"study": str(study), "data": str(synth_data), "runs": runs, "device": "cpu", **parameters})
+
+    execute("02_probe", poolings=["mean", "slices"], attentive_layers=[], cka_batch=8, families=["motion", "position"])
+    out = json.loads(results_path(study, "02_probe").read_text())
+    assert set(out["probe"]) == {"e2e", "bwssl-k2", "videomae"} and out["blocks"] == {"e2e": 1, "bwssl-k2": 2,
+                                                                                       "videomae": 1}
+    ours = out["probe"]["videomae"]
+    assert len(ours["trained"]["mean"]["motion"]["acc"]) == 3  # its own depth, beside the tiny runs' 4
+    assert len(ours["random_init"]["slices"]["position"]["acc"]) == 3  # its own architecture's control
+    across = out["analysis"]["videomae"]["cka_across"]  # its layers against E2E's, over the same 16 videos
+    assert (len(across), len(across[0])) == (3, 4) and all(0 < v <= 1 + 1e-6 for row in across for v in row)
+    said = claims.summary(out["probe"], out["analysis"], "e2e", out["val_clips"], blocks=out["blocks"])
+    assert {line["run"] for line in said["lines"]} == {"bwssl-k2"}  # the claims compare BWSSL with E2E only
+    assert "videomae" in {line["run"] for line in claims.summary(out["probe"], out["analysis"], "e2e",
+                                                                   out["val_clips"])["lines"]}
+
+    with pytest.raises(papermill.PapermillExecutionError, match="notebook 03 shows runs of one clip size"):
+        execute("03_patches", attention_clips=2)
+    capsys.readouterr()
+    assert main(["analyze", "--run", str(study / "runs" / "e2e"), "--vs", str(imported), "--data", str(synth_data),
+                 "--batch-size", "8", "--device", "cpu"]) == 0
+    cross = json.loads((study / "runs" / "e2e" / "analyze.json").read_text())["cka_across"]
+    assert (len(cross), len(cross[0])) == (4, 3)
+    torch.testing.assert_close(torch.tensor(cross), torch.tensor(across).T, atol=1e-5, rtol=0)  # the notebook's, transposed
