@@ -9,7 +9,8 @@
 # loader, loader160, lean (compiled E2E against the blockwise variants, HF beside), vit_s (compiled, every
 # K), profile (flash attention), cudnn (the same step with cuDNN attention first), study (the GPU study
 # of issue 5; STUDY names its folder, default runs/study-device). The default is what benchmarks/NOTES.md
-# still lists first: ratio lean profile. Wheels the device lacks: benchmarks/device_wheels.sh (loader:
+# still lists first, in one device call (limits 120 + 130 + 230 + 80 s, under the tool's 600): ratio probe lean
+# profile, the least needed last. Wheels the device lacks: benchmarks/device_wheels.sh (loader:
 # decord and PyAV; study: papermill and the rest). At most 8 files come back from the device ($OUT):
 # the study's are packed into two archives.
 set -u
@@ -33,7 +34,7 @@ run() {  # run NAME LIMIT_S COMMAND...: one step, its output appended to the log
   echo "== $name: rc=$? in $((SECONDS - tic)) s" | tee -a "$LOG"
 }
 
-steps=${*:-ratio lean profile}
+steps=${*:-ratio probe lean profile}
 { date -Is; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
   python3 -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1; } | tee -a "$LOG"
@@ -49,7 +50,7 @@ for step in $steps; do
       run ratio 120 python3 benchmarks/bench_pretrain.py --presets $P --batch $B $STEPS --blocks 1 $COMPILE \
         --out "$OUT/pretrain_ratio.json" ;;
     probe)  # features plus probes, all layers, over 10,000 clips
-      run probe 100 python3 benchmarks/bench_probe.py --preset $P --clips $CLIPS --out "$OUT/probe.json" ;;
+      run probe 130 python3 benchmarks/bench_probe.py --preset $P --clips $CLIPS --out "$OUT/probe.json" ;;
     loader)  # decord, cache + CPU transform, cache -> GPU (+ gpu_augment) at the training batch
       run loader 60 python3 benchmarks/bench_loader.py --videos $VIDEOS --size $SIZE --batch-size $B \
         --workers $W --epochs 6 --out "$OUT/loader.json" ;;
