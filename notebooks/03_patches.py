@@ -18,9 +18,10 @@
 #
 # One clip of the data split, through each run of the study (or any run folder of the same clip size,
 # given by its path). The live panel (JupyterLab) scrubs attention maps by run, block, layer, head,
-# frame and query patch; the static figures below it are what survives in the saved notebook. Attention is measured over all tokens of the clip (no
-# mask), and the figures by layer average it over the first `attention_clips` clips of the split;
-# reconstructions use one fixed tube mask, the same for every run.
+# frame and query patch; the static figures below it are what survives in the saved notebook.
+# Attention is measured over all tokens of the clip (no mask), and the figures by layer average it
+# over the first `attention_clips` clips of the split; reconstructions use one fixed tube mask, the
+# same for every run.
 
 # %%
 import plotly.io as pio
