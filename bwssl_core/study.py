@@ -31,17 +31,17 @@ def run_dir(study: str | Path, name: str) -> Path:
 def run_paths(study: str | Path, runs: list[str]) -> dict[str, Path]:
     """{label: run folder} for a notebook's `runs`: a bare name is a run of the study (<study>/runs/<name>);
     an entry with a path separator is a run folder anywhere (`bwssl import` wrote it, or another study
-    trained it), labelled by its folder's name."""
+    trained it), labelled by its folder's name, or by the path as given where another run has that name."""
+    bare = {entry for entry in runs if "/" not in entry and os.sep not in entry}
     out = {}
     for entry in runs:
-        label, path = (Path(entry).name, Path(entry)) if "/" in entry or os.sep in entry else \
-            (entry, run_dir(study, entry))
-        if label in out:
-            raise ConfigError(f"runs: {entry!r} and {str(out[label])!r} would both be labelled {label!r}")
+        path = run_dir(study, entry) if entry in bare else Path(entry)
         if not (path / "checkpoint.pt").is_file():
             raise ConfigError(f"runs: {entry!r} has no run at {path} (no checkpoint.pt): a run of the study is "
                               f"named as under {run_dir(study, '')}, any other run folder by its path")
-        out[label] = path
+        if path.resolve() in {p.resolve() for p in out.values()}:
+            raise ConfigError(f"runs: {entry!r} names a run folder given before it ({path})")
+        out[entry if entry in bare or path.name in bare | set(out) else path.name] = path
     return out
 
 

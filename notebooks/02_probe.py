@@ -63,7 +63,7 @@ P = notebook.parameters(globals(), "02_probe")
 pio.renderers.default = viz.static_renderer()
 dev = str(resolve_device(None if device == "auto" else device))
 models = {name: load_run(path, dev) for name, path in run_paths(study, runs).items()}
-reference = Path(reference).name  # a run given by its path is labelled by its folder's name
+reference = reference if reference in models else Path(reference).name  # a path's run: its folder's name
 splits = {}  # clip shape (frames, pixels) -> (train, val): the same videos, read at each run's own size
 for model, _ in models.values():
     if clip_shape(model.cfg) not in splits:

@@ -155,6 +155,7 @@ def test_notebooks_take_an_imported_run_of_another_clip_size(tmp_path, synth_dat
     the reference over the same videos, and keeps them out of the claims; notebook 03, which shows one clip
     through every run, refuses them by name; `bwssl analyze --vs` compares across clip sizes too."""
     import json
+    import shutil
 
     import papermill
     from notebook_fixtures import jupyter_env, notebook_ipynb
@@ -173,14 +174,17 @@ def test_notebooks_take_an_imported_run_of_another_clip_size(tmp_path, synth_dat
     imported = tmp_path / "elsewhere" / "videomae"
     assert main(["import", "--weights", str(tmp_path / "hf"), "--out", str(imported), "--img-size", "48"]) == 0
     assert load_run(imported)[0].cfg.img_size == 48
-    with pytest.raises(ConfigError, match="would both be labelled 'videomae'"):
+    other_e2e = str(tmp_path / "other-study" / "e2e")  # another study's E2E: labelled by its path beside ours
+    shutil.copytree(study / "runs" / "e2e", other_e2e)
+    assert list(run_paths(study, [other_e2e, "e2e", str(imported)])) == [other_e2e, "e2e", "videomae"]
+    with pytest.raises(ConfigError, match="names a run folder given before it"):
         run_paths(study, [str(imported), str(tmp_path / "elsewhere" / ".." / "elsewhere" / "videomae")])
     with pytest.raises(ConfigError, match="'e2f' has no run at"):
         run_paths(study, ["e2e", "e2f"])
 
     for var, value in jupyter_env(tmp_path / "jupyter").items():
         monkeypatch.setenv(var, value)
-    runs = ["e2e", "bwssl-k2", str(imported)]
+    runs = ["e2e", "bwssl-k2", str(imported), other_e2e]
 
     def execute(name, **parameters):
         return papermill.execute_notebook(
@@ -190,8 +194,9 @@ def test_notebooks_take_an_imported_run_of_another_clip_size(tmp_path, synth_dat
 
     execute("02_probe", poolings=["mean", "slices"], attentive_layers=[], cka_batch=8, families=["motion", "position"])
     out = json.loads(results_path(study, "02_probe").read_text())
-    assert set(out["probe"]) == {"e2e", "bwssl-k2", "videomae"} and out["blocks"] == {"e2e": 1, "bwssl-k2": 2,
-                                                                                       "videomae": 1}
+    assert out["blocks"] == {"e2e": 1, "bwssl-k2": 2, "videomae": 1, other_e2e: 1} and set(out["probe"]) == set(
+        out["blocks"])
+    assert out["probe"][other_e2e] == out["probe"]["e2e"]  # the same weights, probed alike
     ours = out["probe"]["videomae"]
     assert len(ours["trained"]["mean"]["motion"]["acc"]) == 3  # its own depth, beside the tiny runs' 4
     assert len(ours["random_init"]["slices"]["position"]["acc"]) == 3  # its own architecture's control
@@ -209,4 +214,5 @@ def test_notebooks_take_an_imported_run_of_another_clip_size(tmp_path, synth_dat
                  "--batch-size", "8", "--device", "cpu"]) == 0
     cross = json.loads((study / "runs" / "e2e" / "analyze.json").read_text())["cka_across"]
     assert (len(cross), len(cross[0])) == (4, 3)
-    torch.testing.assert_close(torch.tensor(cross), torch.tensor(across).T, atol=1e-5, rtol=0)  # the notebook's, transposed
+    # the same CKA as the notebook's, transposed
+    torch.testing.assert_close(torch.tensor(cross), torch.tensor(across).T, atol=1e-5, rtol=0)
