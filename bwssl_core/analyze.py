@@ -7,7 +7,7 @@ from .attention import layer_summary
 from .batches import normalize_video
 from .config import ConfigError
 from .model import VideoMAE
-from .similarity import MinibatchCKA, consecutive_cka, effective_rank, knn_overlap, relative_change
+from .similarity import consecutive_cka, effective_rank, knn_overlap, minibatch_cka, relative_change
 
 
 @torch.no_grad()
@@ -25,10 +25,11 @@ def pooled_layers(model: VideoMAE, clips: torch.Tensor, batch_size: int, device)
 
 
 def analyze(model: VideoMAE, clips: torch.Tensor, other: VideoMAE | None = None, batch_size: int = 50,
-            attention_clips: int = 8, knn: int = 10, device="cpu", other_clips: torch.Tensor | None = None) -> dict:
-    """CKA across layers (minibatch, over fixed batches of `batch_size` clips; a short last batch is
-    left out of CKA only), change between consecutive layers, effective rank and attention metrics
-    over the first `attention_clips` clips (none when 0).
+            attention_clips: int = 8, knn: int = 10, device="cpu", other_clips: torch.Tensor | None = None,
+            seed: int = 0) -> dict:
+    """CKA across layers (minibatch, over fixed batches of `batch_size` clips in a random order drawn from
+    `seed`; a short last batch is left out of CKA only), change between consecutive layers, effective rank and
+    attention metrics over the first `attention_clips` clips (none when 0).
     clips: uint8 (N, C, T, H, W). With `other`, also the CKA matrix between the two models' layers, over
     the same videos: `other_clips` where `other` reads them at its own clip size, else `clips`."""
     usable = len(clips) // batch_size * batch_size
@@ -38,20 +39,14 @@ def analyze(model: VideoMAE, clips: torch.Tensor, other: VideoMAE | None = None,
     if other is not None and len(other_clips) != len(clips):
         raise ConfigError(f"other_clips: {len(other_clips)} clips, expected the same {len(clips)} videos as clips")
     pooled, token_change = pooled_layers(model, clips, batch_size, device)
-    out = {"layers": len(pooled), "clips": len(clips), "cka_clips": usable,
+    out = {"layers": len(pooled), "clips": len(clips), "cka_clips": usable, "cka_seed": seed,
            "token_relative_change": token_change, "pooled_relative_change": relative_change(pooled),
            "consecutive_cka": consecutive_cka(pooled), "knn_overlap": knn_overlap(pooled, knn),
            "effective_rank": [effective_rank(p) for p in pooled]}
-    within = MinibatchCKA()
-    for i in range(0, usable, batch_size):
-        within.update([p[i:i + batch_size] for p in pooled])
-    out["cka_within"] = within.compute().tolist()
+    out["cka_within"] = minibatch_cka(pooled, None, batch_size, seed).tolist()
     if other is not None:
         other_pooled, other_change = pooled_layers(other, other_clips, batch_size, device)
-        across = MinibatchCKA()
-        for i in range(0, usable, batch_size):
-            across.update([p[i:i + batch_size] for p in pooled], [p[i:i + batch_size] for p in other_pooled])
-        out["cka_across"] = across.compute().tolist()
+        out["cka_across"] = minibatch_cka(pooled, other_pooled, batch_size, seed).tolist()
         out["other_token_relative_change"] = other_change
     if attention_clips:  # 0: callers that draw attention elsewhere skip it
         out["attention"] = layer_summary(model.to(device), normalize_video(clips[:attention_clips].to(device)))

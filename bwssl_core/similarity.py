@@ -155,6 +155,22 @@ class MinibatchCKA:
         return _normalise(self.hsic_ab, self.hsic_aa, self.hsic_bb, "MinibatchCKA")
 
 
+def minibatch_cka(feats_a: list[torch.Tensor], feats_b: list[torch.Tensor] | None = None, batch_size: int = 50,
+                  seed: int = 0) -> torch.Tensor:
+    """MinibatchCKA of per-layer features [(N, D)] over fixed batches of `batch_size` samples, drawn in one
+    seeded random order (the same for A and B): the estimator takes each batch for a random sample, and
+    samples in list-file order (UCF101's and HMDB51's lists are sorted by class) would give the similarity
+    within a class. A short last batch is left out. Returns the CKA matrix (LA, LB), float64."""
+    n = len(feats_a[0])
+    if n < batch_size:
+        raise ValueError(f"{n} samples, fewer than one CKA batch of {batch_size}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n // batch_size * batch_size]
+    mb = MinibatchCKA()
+    for idx in order.split(batch_size):
+        mb.update([f[idx] for f in feats_a], None if feats_b is None else [f[idx] for f in feats_b])
+    return mb.compute()
+
+
 def _layers(feats: list[torch.Tensor]) -> list[torch.Tensor]:
     """feats: per layer (N, D_l), at least two layers, the same N -> float64 list."""
     if len(feats) < 2:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bwssl_core.similarity import (MinibatchCKA, consecutive_cka, effective_rank, hsic_unbiased,
-                                   knn_overlap, linear_cka, relative_change)
+                                   knn_overlap, linear_cka, minibatch_cka, relative_change)
 
 
 def randn(*shape, seed=0):
@@ -148,6 +148,25 @@ def test_minibatch_cka_close_to_full_batch():
     full = linear_cka(a[0], a[1])
     assert 0.3 < full < 0.95
     assert mb.compute()[0, 1].item() == pytest.approx(full, abs=0.05)
+
+
+def test_minibatch_cka_of_samples_sorted_by_class_batches_them_at_random():
+    """UCF101's list files are sorted by class: batches taken in that order would each hold one class, and CKA
+    over them measures similarity within a class. minibatch_cka batches in a seeded random order."""
+    classes = torch.arange(8).repeat_interleave(50)  # 400 samples, sorted by class
+    a = randn(8, 16, seed=1)[classes] + 0.5 * randn(400, 16, seed=2)
+    b = randn(8, 12, seed=3)[classes] + 0.5 * randn(400, 12, seed=4)
+    full = linear_cka(a, b)
+    in_order = MinibatchCKA()
+    for i in range(0, 400, 50):
+        in_order.update([a[i:i + 50]], [b[i:i + 50]])
+    assert full > 0.5 and in_order.compute().item() < 0.2  # the trap: one class per batch
+    shuffled = minibatch_cka([a], [b], batch_size=50, seed=0)
+    assert shuffled.shape == (1, 1) and shuffled.item() == pytest.approx(full, abs=0.05)
+    assert minibatch_cka([a], [b], batch_size=50, seed=1).item() != shuffled.item()  # the seed draws the order
+    assert minibatch_cka([a, b], batch_size=50)[0, 1].item() == pytest.approx(shuffled.item(), abs=1e-12)
+    with pytest.raises(ValueError, match="fewer than one CKA batch of 500"):
+        minibatch_cka([a], batch_size=500)
 
 
 def test_minibatch_cka_errors():
