@@ -155,7 +155,7 @@ def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings
 
         probe_key = key_of("probe", features=feat_key, seed=seed, ks=list(ks), attentive=list(attentive_layers),
                            attentive_protocol=ATTENTIVE_PROTOCOL, linear_protocol=LINEAR_PROTOCOL,
-                           precision=precision, attentive_families=attentive_families,
+                           precision=precision, families=families, attentive_families=attentive_families,
                            labels={f: tensor_hash(train_labels[f], val_labels[f]) for f in probed})
         out[name] = store.get(probe_key, lambda: probes(store.get(feat_key, compute, meta)), meta)
     return out

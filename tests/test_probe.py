@@ -232,6 +232,9 @@ def test_attentive_family_labels_key_the_cache_and_an_unknown_one_is_named(tmp_p
     with pytest.raises(ConfigError, match=r"label families \['nope'\] are not in the data"):
         depthwise(model, *data(lambda n: torch.zeros(n, dtype=torch.long)), **{**kw, "attentive_families": ["nope"]})
     assert len(list(tmp_path.glob("*.pt"))) == cached
+    # the linear families key the results too: probing "b" linearly as well is not the cached "a" alone
+    both = depthwise(model, *data(lambda n: torch.zeros(n, dtype=torch.long)), **{**kw, "families": ["a", "b"]})
+    assert set(both["trained"]["mean"]) == {"a", "b"}
 
 
 @pytest.mark.parametrize("grid", [(2, 4, 6), (2, 3, 5)])  # equal cells (a plain reduction), and adaptive ones
