@@ -15,20 +15,21 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .config import PIXEL_MEAN, PIXEL_STD, ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, pixel_stats
 
 
 @functools.cache
-def _pixel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """PIXEL_MEAN and PIXEL_STD as (1, C, 1, 1, 1) tensors on `device`, made once per device."""
+def _pixel_stats(device: torch.device, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """config.pixel_stats as (1, C, 1, 1, 1) tensors on `device`, made once per device and channel count."""
     shape = (1, -1, 1, 1, 1)
-    return (torch.tensor(PIXEL_MEAN, device=device).view(shape), torch.tensor(PIXEL_STD, device=device).view(shape))
+    mean, std = pixel_stats(channels)
+    return torch.tensor(mean, device=device).view(shape), torch.tensor(std, device=device).view(shape)
 
 
 def normalize_video(video: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, T, H, W) in [0, 255] -> float normalised with PIXEL_MEAN / PIXEL_STD: (x / 255 - mean) / std
+    """uint8 (B, C, T, H, W) in [0, 255] -> float normalised with config.pixel_stats(C): (x / 255 - mean) / std
     on one float copy, in place (the same values as out of place, 4x faster on the CPU)."""
-    mean, std = _pixel_stats(video.device)
+    mean, std = _pixel_stats(video.device, video.shape[1])
     return video.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)
 
 

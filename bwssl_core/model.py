@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PIXEL_MEAN, PIXEL_STD, ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, pixel_stats
 from .layers import Layer, TubeletEmbed, init_weights, position_table
 from .masking import Mask, tube_mask, tube_target
 
@@ -83,7 +83,7 @@ class VideoMAE(nn.Module):
         self.stages = nn.ModuleList(Stage(cfg, n, k == 0) for k, n in enumerate(cfg.partition))
         self.decoders = nn.ModuleList(Decoder(cfg) for _ in range(1 if cfg.dec_shared else len(cfg.partition)))
         shape = (1, cfg.in_chans, 1, 1, 1)
-        mean, std = (PIXEL_MEAN, PIXEL_STD) if cfg.in_chans == 3 else ((0.0,) * cfg.in_chans, (1.0,) * cfg.in_chans)
+        mean, std = pixel_stats(cfg.in_chans)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(shape), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(shape), persistent=False)
         # initialise from the RNG state at entry, encoder first in layer order: under one seed the

@@ -233,6 +233,20 @@ def test_normalize_video_is_the_reference_formula_and_leaves_its_input_alone():
     assert torch.equal(f, x.float())
 
 
+def test_clips_of_another_channel_count_train_with_the_model_s_pixel_statistics(tiny, tmp_path):
+    """A 1-channel model (`--in-chans 1`): its clips are normalised with what its target is un-normalised with
+    (mean 0, std 1 off RGB), and it trains; before, normalize_video broadcast ImageNet's 3 channels and failed."""
+    from bwssl_core.batches import normalize_video
+
+    x = torch.randint(0, 256, (2, 1, 4, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(normalize_video(x), x.float() / 255)
+    cfg = tiny(in_chans=1)
+    model = VideoMAE(cfg)
+    assert model.pixel_mean.flatten().tolist() == [0.0] and model.pixel_std.flatten().tolist() == [1.0]
+    last = pretrain(cfg, _train_cfg(steps=2), MovingShapes(cfg, 4, seed=0), tmp_path / "grey", device="cpu")
+    assert last["step"] == 2 and len(last["loss"]) == 1 and last["loss"][0] > 0
+
+
 def test_a_resumed_run_logs_the_rows_of_an_uninterrupted_one(tiny, tmp_path):
     """A checkpoint between two log steps (ckpt_every 3, log_every 4) keeps the open window's losses: after
     a crash at step 5 and a resume from step 3, the step-4 row is the uninterrupted run's, not the mean of
