@@ -58,7 +58,7 @@ def sincos_3d(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
 def sincos_1d_interleaved(num_tokens: int, dim: int) -> torch.Tensor:
     """VideoMAE's table (L, dim) over the flat token index: sin on even channels, cos on odd."""
     pos = torch.arange(num_tokens, dtype=torch.float64)[:, None]
-    omega = 1.0 / 10000 ** (2 * (torch.arange(dim) // 2) / dim).double()
+    omega = 1.0 / 10000 ** (2 * (torch.arange(dim, dtype=torch.float64) // 2) / dim)  # float64 throughout, as VideoMAE
     angles = pos * omega[None]
     angles[:, 0::2] = angles[:, 0::2].sin()
     angles[:, 1::2] = angles[:, 1::2].cos()

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from bwssl_core import ConfigError, VideoMAE
-from bwssl_core.layers import sincos_3d
+from bwssl_core.layers import sincos_1d_interleaved, sincos_3d
 from bwssl_core.config import model_config
 from bwssl_core.masking import tube_mask
 
@@ -87,6 +87,16 @@ def test_sincos_3d_is_separable_and_distinct():
     assert torch.equal(grid[:, :1, :1, :16].expand(4, 3, 5, 16), grid[..., :16])
     assert torch.equal(grid[:1, :, :1, 16:32].expand(4, 3, 5, 16), grid[..., 16:32])
     assert torch.cdist(table, table).add(torch.eye(60)).min() > 0.1  # every position distinct
+
+
+def test_videomae_position_table_is_the_official_formula():
+    """VideoMAE's get_sinusoid_encoding_table (pos / 10000^(2 (j // 2) / d), in float64, sin on even channels,
+    cos on odd) at ViT-B's 1,568 tokens and width 768, to float32 rounding (it was 2.2e-5 off when the
+    exponent was computed in float32)."""
+    pos, j = torch.arange(1568, dtype=torch.float64)[:, None], torch.arange(768, dtype=torch.float64)[None]
+    angles = pos / 10000.0 ** (2 * torch.div(j, 2, rounding_mode="floor") / 768)
+    official = torch.where(j.long() % 2 == 0, angles.sin(), angles.cos())
+    torch.testing.assert_close(sincos_1d_interleaved(1568, 768).double(), official, atol=1e-7, rtol=0)
 
 
 def test_plain_pixel_switch_changes_the_target(tiny, clips):
