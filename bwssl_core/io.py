@@ -16,7 +16,8 @@ class RunError(RuntimeError):
 
 
 def _atomic(path: Path, write) -> None:
-    """Write through `write(file)` to a temporary file beside `path`, fsync, then rename over it."""
+    """Write through `write(file)` to a temporary file beside `path`, fsync, rename over it, then fsync the
+    folder, so that after a power loss `path` holds the old or the new contents, and the new once returned."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -32,6 +33,11 @@ def _atomic(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)  # the rename itself, on disk
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def remove_stale_temps(folder: Path, names) -> list[Path]:

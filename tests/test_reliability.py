@@ -149,6 +149,18 @@ def test_a_write_that_fails_part_way_leaves_the_previous_version(tmp_path, monke
         assert load_checkpoint(path)["weights"][0] == 1
 
 
+def test_a_write_is_on_disk_file_then_rename(tmp_path, monkeypatch):
+    """The file is fsynced before the rename and its folder after it: the rename survives a power loss too."""
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append((os.path.isdir(f"/proc/self/fd/{fd}"), (tmp_path / "r.json").exists()))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    save_json(tmp_path / "r.json", {"a": 1})
+    assert synced == [(False, False), (True, True)]  # (a folder?, renamed yet?)
+
+
 # -- non-finite losses and weights ------------------------------------------------------------------
 def test_nan_loss_stops_before_the_next_checkpoint(tiny, tmp_path):
     """A poisoned batch at step 6, a checkpoint step that is not a log step: nothing is saved after it."""
