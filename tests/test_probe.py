@@ -220,9 +220,9 @@ def test_attentive_family_labels_key_the_cache_and_an_unknown_one_is_named(tmp_p
     def data(b):
         return [(c, {"a": torch.arange(len(c)) % 2, "b": b(len(c))}) for c in clips]
 
-    def run(b):
+    def run(b, **more):
         with pytest.warns(UserWarning, match=r"R@k for k in \[50\] left out"):
-            return depthwise(model, *data(b), **kw)
+            return depthwise(model, *data(b), **{**kw, **more})
 
     first = run(lambda n: torch.arange(n) % 3)
     assert "R@50" not in first["trained"]["mean"]["a"] and "R@5" in first["trained"]["mean"]["a"]
@@ -233,7 +233,7 @@ def test_attentive_family_labels_key_the_cache_and_an_unknown_one_is_named(tmp_p
         depthwise(model, *data(lambda n: torch.zeros(n, dtype=torch.long)), **{**kw, "attentive_families": ["nope"]})
     assert len(list(tmp_path.glob("*.pt"))) == cached
     # the linear families key the results too: probing "b" linearly as well is not the cached "a" alone
-    both = depthwise(model, *data(lambda n: torch.zeros(n, dtype=torch.long)), **{**kw, "families": ["a", "b"]})
+    both = run(lambda n: torch.zeros(n, dtype=torch.long), families=["a", "b"])
     assert set(both["trained"]["mean"]) == {"a", "b"}
 
 
