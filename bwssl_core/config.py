@@ -14,13 +14,13 @@ from dataclasses import dataclass
 # the data pipeline normalises with them, the model un-normalises with them to build its target.
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
+MAX_SIZE = 2 ** 20  # upper bound on every ModelConfig size (pixels, frames, widths, depths, heads)
 
 
 def pixel_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The per-channel mean and std that clips of `in_chans` channels are normalised with (and the target
     un-normalised with): ImageNet's for RGB, 0 and 1 for any other channel count."""
     return (PIXEL_MEAN, PIXEL_STD) if in_chans == 3 else ((0.0,) * in_chans, (1.0,) * in_chans)
-MAX_SIZE = 2 ** 20  # upper bound on every ModelConfig size (pixels, frames, widths, depths, heads)
 
 
 class ConfigError(ValueError):

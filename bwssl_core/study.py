@@ -41,7 +41,8 @@ def run_paths(study: str | Path, runs: list[str]) -> dict[str, Path]:
                               f"named as under {run_dir(study, '')}, any other run folder by its path")
         if path.resolve() in {p.resolve() for p in out.values()}:
             raise ConfigError(f"runs: {entry!r} names a run folder given before it ({path})")
-        out[entry if entry in bare or path.name in bare | set(out) else path.name] = path
+        as_given = entry in bare or path.name in bare or path.name in out  # else labelled by its folder name
+        out[entry if as_given else path.name] = path
     return out
 
 
