@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     im = sub.add_parser("import", help="official VideoMAE or HF transformers weights as a run folder (for probe, "
                         "analyze and load_run)", formatter_class=_Help)
-    im.add_argument("--weights", required=True, help="an official pretraining checkpoint (.pth) or an HF "
+    im.add_argument("--weights", required=True, help="an official pretraining or fine-tuned checkpoint (.pth) or an HF "
                     "transformers folder (save_pretrained: config.json and the weights)")
     im.add_argument("--out", required=True, help="run folder to write (config.json, checkpoint.pt)")
     for name in _IMPORT_OVERRIDES:

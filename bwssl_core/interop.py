@@ -1,6 +1,8 @@
 """Load official VideoMAE (MCG-NJU) and HF transformers VideoMAEForPreTraining weights.
 
-One canonical path: HF names -> official names -> ours. HF stores separate query/key/value
+One canonical path: HF names -> official names -> ours. Official fine-tuned checkpoints (the classifier's
+VisionTransformer: patch_embed, blocks, norm or fc_norm, head) are renamed onto the pretraining encoder's
+names first; their decoder keeps its initialisation. HF stores separate query/key/value
 projections (q and v biases as `query.bias`/`value.bias`, or `q_bias`/`v_bias` in older versions);
 the official code and ours fuse the weights into one qkv matrix with separate q and v biases. Both use VideoMAE's 1-D sin-cos table, so converted configs
 set pos_embed="1d". HF takes pixel_values as (B, T, C, H, W); ours, like the official code, take
@@ -93,27 +95,51 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
     return ModelConfig(**{**values, **overrides}).validate()
 
 
+def finetune_to_official(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """An official fine-tuned state dict (patch_embed, blocks, norm; fc_norm, head) -> the pretraining
+    encoder's names, and the keys that have no place in the encoder: the classifier head and fc_norm, the
+    norm after mean pooling (the per-layer features are taken before it)."""
+    encoder = {f"encoder.{k}": v for k, v in sd.items() if k.startswith(("patch_embed.", "blocks.", "norm."))}
+    return encoder, sorted(k for k in sd if f"encoder.{k}" not in encoder)
+
+
+def _count(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many layers `prefix`.N. the state dict holds (0 if none)."""
+    return 1 + max((int(m.group(1)) for k in sd if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))),
+                   default=-1)
+
+
 def config_from_official(sd: dict[str, torch.Tensor], **overrides) -> ModelConfig:
-    """Infer a config from official weights; heads come from the preset of the same width."""
+    """Infer a config from official weights; heads come from the preset of the same width and depth, and so
+    does the decoder of weights that have none (a fine-tuned encoder)."""
     D, C, t, p, _ = sd["encoder.patch_embed.proj.weight"].shape
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.blocks\.(\d+)\.", k)))
-    dec_depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.blocks\.(\d+)\.", k)))
+    depth, dec_depth = _count(sd, "encoder.blocks"), _count(sd, "decoder.blocks")
     preset = next((v for v in PRESETS.values() if v["embed_dim"] == D and v["depth"] == depth), None)
-    if preset is None and not {"num_heads", "dec_heads"} <= set(overrides):
-        raise ConfigError(f"no preset has width {D} and depth {depth}: pass num_heads and dec_heads")
+    needed = {"num_heads", "dec_heads"} if dec_depth else {"num_heads"}
+    if preset is None and not needed <= set(overrides):
+        raise ConfigError(f"no preset has width {D} and depth {depth}: pass {' and '.join(sorted(needed))}")
+    if dec_depth:
+        decoder = dict(dec_dim=sd["encoder_to_decoder.weight"].shape[0], dec_depth=dec_depth,
+                       dec_heads=preset and preset["dec_heads"])
+    else:  # no decoder in the weights: it keeps its initialisation, the preset's size or half the encoder's
+        heads = overrides.get("num_heads") or preset["num_heads"]
+        decoder = {k: preset[k] for k in ("dec_dim", "dec_depth", "dec_heads")} if preset else \
+            dict(dec_dim=D // 2, dec_depth=1, dec_heads=max(1, heads // 2))
     values = dict(in_chans=C, tubelet_size=t, patch_size=p, embed_dim=D, depth=depth,
                   mlp_ratio=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0] / D, pos_embed="1d",
-                  partition=(depth,), dec_dim=sd["encoder_to_decoder.weight"].shape[0], dec_depth=dec_depth,
-                  dec_norm="encoder.norm.weight" in sd,
-                  num_heads=preset and preset["num_heads"], dec_heads=preset and preset["dec_heads"])
+                  partition=(depth,), dec_norm="encoder.norm.weight" in sd,
+                  num_heads=preset and preset["num_heads"], **decoder)
     return ModelConfig(**{**values, **overrides}).validate()
 
 
-def load_converted(model: VideoMAE, sd: dict[str, torch.Tensor], strict: bool = True) -> VideoMAE:
-    """Load an official-named state dict into `model`, naming any missing or unexpected keys."""
+def load_converted(model: VideoMAE, sd: dict[str, torch.Tensor], strict: bool = True,
+                   decoder_optional: bool = False) -> VideoMAE:
+    """Load an official-named state dict into `model`, naming any missing or unexpected keys. With
+    decoder_optional, decoder weights may be missing (they keep their initialisation); encoder ones not."""
     result = model.load_state_dict(official_to_bwssl(sd, model.cfg), strict=False)
-    if strict and (result.missing_keys or result.unexpected_keys):
-        raise ConfigError(f"weights do not fit the model: missing {result.missing_keys[:8]}, "
+    missing = [k for k in result.missing_keys if not (decoder_optional and k.startswith("decoders."))]
+    if strict and (missing or result.unexpected_keys):
+        raise ConfigError(f"weights do not fit the model: missing {missing[:8]}, "
                           f"unexpected {result.unexpected_keys[:8]}")
     return model
 
@@ -124,8 +150,11 @@ def from_hf(hf_model) -> VideoMAE:
     return load_converted(model, hf_to_official(hf_model.state_dict()))
 
 
-def load_official(path: str | Path, **overrides) -> VideoMAE:
-    """Our E2E model from an official VideoMAE pretraining checkpoint (a .pth with a 'model' dict).
+def load_official(path: str | Path, **overrides) -> tuple[VideoMAE, list[str], list[str]]:
+    """Our E2E model from an official VideoMAE checkpoint (a .pth with a 'model' or 'module' dict): a
+    pretraining one (encoder and decoder), or a fine-tuned one (the classifier: its encoder loads, the decoder
+    keeps its initialisation). Returns the model, the names (ours) of the weights the file did not hold, and
+    the file's keys left unused (a classifier's head and fc_norm).
 
     Loads with weights_only=True; a checkpoint that needs arbitrary pickles is refused.
     """
@@ -137,17 +166,25 @@ def load_official(path: str | Path, **overrides) -> VideoMAE:
     sd = obj.get("model", obj.get("module", obj)) if isinstance(obj, dict) else None
     if isinstance(sd, dict) and any(str(k).startswith("videomae.") for k in sd):
         raise ConfigError(f"{path}: HF transformers weights: pass the folder that holds them and its config.json")
-    if not isinstance(sd, dict) or "encoder.patch_embed.proj.weight" not in sd:
-        raise ConfigError(f"{path}: not an official VideoMAE pretraining checkpoint "
-                          f"(expected a state dict with 'encoder.patch_embed.proj.weight')")
-    return load_converted(VideoMAE(config_from_official(sd, **overrides)), sd)
+    if not isinstance(sd, dict) or not {"encoder.patch_embed.proj.weight", "patch_embed.proj.weight"} & set(sd):
+        raise ConfigError(f"{path}: not an official VideoMAE checkpoint (expected a state dict with "
+                          "'encoder.patch_embed.proj.weight', pretraining, or 'patch_embed.proj.weight', fine-tuned)")
+    learned = [k for k in sd if k.endswith("pos_embed")]
+    if learned:
+        raise ConfigError(f"{path}: holds a learned position embedding ({learned[0]}): the encoder here uses "
+                          "VideoMAE's fixed sin-cos table")
+    sd, unused = finetune_to_official(sd) if "patch_embed.proj.weight" in sd else (sd, [])
+    model = VideoMAE(config_from_official(sd, **overrides))
+    load_converted(model, sd, decoder_optional="encoder_to_decoder.weight" not in sd)  # an encoder alone
+    ours = official_to_bwssl(sd, model.cfg)
+    return model, [k for k in model.state_dict() if k not in ours], unused
 
 
-def load_hf_folder(folder: str | Path, **overrides) -> tuple[VideoMAE, list[str]]:
+def load_hf_folder(folder: str | Path, **overrides) -> tuple[VideoMAE, list[str], list[str]]:
     """Our E2E model from an HF transformers VideoMAE folder (`save_pretrained`: config.json and the
-    weights), and the HF names of the weights the folder did not hold. A classification or bare-encoder
-    folder has no decoder: the encoder loads and the decoder keeps its initialisation (those names); a
-    missing encoder weight is an error."""
+    weights), the HF names of the weights the folder did not hold, and those of its weights left unused
+    (a classifier's head and fc_norm). A classification or bare-encoder folder has no decoder: the encoder
+    loads and the decoder keeps its initialisation (those names); a missing encoder weight is an error."""
     try:
         import transformers
     except ImportError:
@@ -162,30 +199,30 @@ def load_hf_folder(folder: str | Path, **overrides) -> tuple[VideoMAE, list[str]
     if encoder:
         raise ConfigError(f"{folder}: encoder weights missing from the folder: {encoder[:8]}")
     model = VideoMAE(config_from_hf(hf.config, **overrides))
-    return load_converted(model, hf_to_official(hf.state_dict())), missing
+    return load_converted(model, hf_to_official(hf.state_dict())), missing, sorted(info["unexpected_keys"])
 
 
 def import_run(weights: str | Path, out: str | Path, overwrite: bool = False, **overrides) -> dict:
     """Write official or HF VideoMAE weights as a run folder (config.json, checkpoint.pt) that `bwssl
     probe`, `bwssl analyze` and `train.load_run` take like a trained run. `weights`: an official
-    pretraining checkpoint (a file) or an HF folder. Returns the config written, whose "imported" part
-    names the source, its files' SHA-256 and the weights it did not hold."""
+    pretraining or fine-tuned checkpoint (a file) or an HF folder. Returns the config written, whose
+    "imported" part names the source, its files' SHA-256, the weights it did not hold and those unused."""
     from .config import TrainConfig, to_dict
     from .io import save_checkpoint, save_json
     from .train import claim_folder
 
     weights, out = Path(weights), Path(out)
     if weights.is_file():
-        model, kind, missing, files = load_official(weights, **overrides), "official", [], [weights]
+        (model, missing, unused), kind, files = load_official(weights, **overrides), "official", [weights]
     elif weights.is_dir():
-        (model, missing), kind = load_hf_folder(weights, **overrides), "hf"
+        (model, missing, unused), kind = load_hf_folder(weights, **overrides), "hf"
         files = sorted(p for p in weights.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt"))
     else:
         raise ConfigError(f"{weights}: no such file or folder (expected an official VideoMAE checkpoint "
                           "or an HF transformers folder)")
     claim_folder(out, overwrite, resumable=False)
     config = {"model": to_dict(model.cfg), "train": to_dict(TrainConfig()), "world_size": 1,
-              "imported": {"weights": str(weights), "format": kind, "not_in_weights": missing,
+              "imported": {"weights": str(weights), "format": kind, "not_in_weights": missing, "unused": unused,
                            "sha256": {p.name: _sha256(p) for p in files}}}
     save_json(out / "config.json", config)
     save_checkpoint(out / "checkpoint.pt", {"model": model.state_dict(), "step": 0, "config": config})

@@ -45,12 +45,13 @@ def test_official_checkpoint_file(tmp_path):
     assert "encoder.blocks.0.attn.q_bias" in sd and "encoder.blocks.2.attn.qkv.weight" in sd
     path = tmp_path / "videomae_pretrain.pth"
     torch.save({"model": sd}, path)
-    ours = load_official(path, img_size=32, num_frames=4, num_heads=3, dec_heads=2)
+    ours, missing, unused = load_official(path, img_size=32, num_frames=4, num_heads=3, dec_heads=2)
+    assert missing == [] and unused == []
     reference = from_hf(hf)
     for name, value in reference.state_dict().items():
         assert torch.equal(ours.state_dict()[name], value), name
     torch.save({"model": {"something": torch.zeros(1)}}, path)
-    with pytest.raises(ConfigError, match="not an official VideoMAE pretraining checkpoint"):
+    with pytest.raises(ConfigError, match="not an official VideoMAE checkpoint"):
         load_official(path)
 
 
@@ -99,7 +100,8 @@ def test_imported_weights_probe_and_analyze_from_the_command_line(tmp_path, synt
         assert main(["import", "--weights", str(source), "--out", str(run), *flags]) == 0
         model, config = load_run(run)
         assert [k for k, v in reference.items() if not torch.equal(model.state_dict()[k], v)] == []
-        assert config["imported"]["format"] == kind and config["imported"]["not_in_weights"] == []
+        assert config["imported"]["format"] == kind
+        assert config["imported"]["not_in_weights"] == [] and config["imported"]["unused"] == []
         assert len(next(iter(config["imported"]["sha256"].values()))) == 64
     capsys.readouterr()
     assert main(["probe", "--run", str(tmp_path / "run-hf"), "--data", str(synth_data), "--families", "motion",
@@ -131,6 +133,7 @@ def test_import_of_an_encoder_without_decoder_and_of_what_is_not_videomae(tmp_pa
     model, config = load_run(tmp_path / "run")
     missing = config["imported"]["not_in_weights"]
     assert missing and all(k.startswith(("decoder.", "encoder_to_decoder", "mask_token")) for k in missing)
+    assert config["imported"]["unused"] == ["classifier.bias", "classifier.weight", "fc_norm.bias", "fc_norm.weight"]
     video = torch.randn(2, 4, 3, 32, 32)  # HF layout
     with torch.no_grad():
         hf_out = classifier.videomae(pixel_values=video, output_hidden_states=True).hidden_states[1:]
@@ -147,6 +150,60 @@ def test_import_of_an_encoder_without_decoder_and_of_what_is_not_videomae(tmp_pa
         assert main(["import", "--weights", str(source), "--out", str(tmp_path / "other")]) == 2, source
         assert message in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def _official_finetuned(classifier) -> dict[str, torch.Tensor]:
+    """An HF VideoMAEForVideoClassification's weights under the official fine-tuning code's names
+    (modeling_finetune.VisionTransformer: patch_embed, blocks.N, fc_norm, head; q and v biases apart)."""
+    sd = hf_to_official({k: v for k, v in classifier.state_dict().items() if k.startswith("videomae.")})
+    sd = {k.removeprefix("encoder."): v for k, v in sd.items()}
+    sd.update({k.replace("classifier.", "head."): v for k, v in classifier.state_dict().items()
+               if k.startswith(("classifier.", "fc_norm."))})
+    return sd
+
+
+def test_official_finetuned_checkpoint_loads_its_encoder(tmp_path, capsys):
+    """An official fine-tuned checkpoint (the classifier, under 'module') imports as its encoder: every
+    layer's output equals HF's port of the same classifier; the decoder keeps its init and is named, the
+    head and fc_norm are named as unused; a learned position table and a missing encoder layer are refused."""
+    import json
+
+    from bwssl_core.cli import main
+    from bwssl_core.train import load_run
+
+    classifier = transformers.VideoMAEForVideoClassification(_hf_model().config).eval()
+    with torch.no_grad():
+        for p in classifier.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sd = _official_finetuned(classifier)
+    assert {"patch_embed.proj.weight", "blocks.2.attn.q_bias", "fc_norm.weight", "head.weight"} <= set(sd)
+    path = tmp_path / "videomae_finetuned.pth"
+    torch.save({"module": sd}, path)
+    sizes = ["--img-size", "32", "--num-frames", "4", "--num-heads", "3"]
+    assert main(["import", "--weights", str(path), "--out", str(tmp_path / "run"), *sizes]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    model, config = load_run(tmp_path / "run")
+    assert printed["unused"] == config["imported"]["unused"] == ["fc_norm.bias", "fc_norm.weight", "head.bias",
+                                                                "head.weight"]
+    missing = config["imported"]["not_in_weights"]
+    assert missing and all(k.startswith("decoders.0.") for k in missing)
+    assert model.cfg.dec_norm is False and model.cfg.depth == 3  # mean pooling: no final norm per token
+    video = torch.randn(2, 4, 3, 32, 32)  # HF layout
+    with torch.no_grad():
+        hf_out = classifier.videomae(pixel_values=video, output_hidden_states=True).hidden_states[1:]
+        ours = model.forward_intermediates(from_hf_pixel_values(video))
+    assert len(ours) == len(hf_out) == 3
+    for a, b in zip(ours, hf_out):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    bad = {"pos_embed": (dict(sd, pos_embed=torch.zeros(1, 32, 48)), "learned position embedding (pos_embed)"),
+           "layer": ({k: v for k, v in sd.items() if not k.startswith("blocks.1.mlp")}, "missing ['stages.0.layers.1.mlp"),
+           "heads": (sd, "no preset has width 48 and depth 3: pass num_heads")}
+    for name, (weights, message) in bad.items():
+        torch.save({"module": weights}, tmp_path / f"{name}.pth")
+        flags = [] if name == "heads" else sizes
+        assert main(["import", "--weights", str(tmp_path / f"{name}.pth"), "--out", str(tmp_path / name), *flags]) == 2
+        assert message in capsys.readouterr().err, name
+        assert not (tmp_path / name).exists()
 
 
 @pytest.mark.timeout(400)
