@@ -196,7 +196,8 @@ def test_official_finetuned_checkpoint_loads_its_encoder(tmp_path, capsys):
     for a, b in zip(ours, hf_out):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     bad = {"pos_embed": (dict(sd, pos_embed=torch.zeros(1, 32, 48)), "learned position embedding (pos_embed)"),
-           "layer": ({k: v for k, v in sd.items() if not k.startswith("blocks.1.mlp")}, "missing ['stages.0.layers.1.mlp"),
+           "layer": ({k: v for k, v in sd.items() if not k.startswith("blocks.1.mlp")},
+                     "missing ['stages.0.layers.1.mlp"),
            "heads": (sd, "no preset has width 48 and depth 3: pass num_heads")}
     for name, (weights, message) in bad.items():
         torch.save({"module": weights}, tmp_path / f"{name}.pth")
