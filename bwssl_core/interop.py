@@ -11,6 +11,7 @@ set pos_embed="1d". HF takes pixel_values as (B, T, C, H, W); ours, like the off
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from pathlib import Path
 
@@ -23,6 +24,15 @@ _HF_LAYER = {  # HF suffix within a layer -> official suffix
     "attention.output.dense": "attn.proj", "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
     "layernorm_before": "norm1", "layernorm_after": "norm2",
 }
+
+
+def mlp_ratio(hidden: int, width: int) -> float:
+    """The ratio whose MLP width int(width x ratio) is `hidden` (hidden / width alone can fall a hair short:
+    704 x (3840 / 704) = 3839.99...)."""
+    ratio = hidden / width
+    while int(width * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
 
 
 def from_hf_pixel_values(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -88,11 +98,16 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
     values = dict(img_size=c.image_size, num_frames=c.num_frames, in_chans=c.num_channels,
                   tubelet_size=c.tubelet_size, patch_size=c.patch_size, embed_dim=c.hidden_size,
                   depth=c.num_hidden_layers, num_heads=c.num_attention_heads,
-                  mlp_ratio=c.intermediate_size / c.hidden_size, norm_eps=c.layer_norm_eps, pos_embed="1d",
+                  mlp_ratio=mlp_ratio(c.intermediate_size, c.hidden_size), norm_eps=c.layer_norm_eps, pos_embed="1d",
                   partition=(c.num_hidden_layers,), dec_dim=c.decoder_hidden_size,
                   dec_depth=c.decoder_num_hidden_layers, dec_heads=c.decoder_num_attention_heads,
                   dec_norm=not c.use_mean_pooling, norm_target=c.norm_pix_loss)
-    return ModelConfig(**{**values, **overrides}).validate()
+    cfg = ModelConfig(**{**values, **overrides}).validate()
+    if int(cfg.dec_dim * cfg.mlp_ratio) != c.decoder_intermediate_size:
+        raise ConfigError(f"decoder_intermediate_size={c.decoder_intermediate_size}: the decoder's MLP here is "
+                          f"{int(cfg.dec_dim * cfg.mlp_ratio)} wide (decoder width x the encoder's MLP ratio, "
+                          "as in VideoMAE)")
+    return cfg
 
 
 def finetune_to_official(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -126,7 +141,7 @@ def config_from_official(sd: dict[str, torch.Tensor], **overrides) -> ModelConfi
         decoder = {k: preset[k] for k in ("dec_dim", "dec_depth", "dec_heads")} if preset else \
             dict(dec_dim=D // 2, dec_depth=1, dec_heads=max(1, heads // 2))
     values = dict(in_chans=C, tubelet_size=t, patch_size=p, embed_dim=D, depth=depth,
-                  mlp_ratio=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0] / D, pos_embed="1d",
+                  mlp_ratio=mlp_ratio(sd["encoder.blocks.0.mlp.fc1.weight"].shape[0], D), pos_embed="1d",
                   partition=(depth,), dec_norm="encoder.norm.weight" in sd,
                   num_heads=preset and preset["num_heads"], **decoder)
     return ModelConfig(**{**values, **overrides}).validate()

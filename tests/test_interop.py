@@ -67,6 +67,21 @@ def test_official_weights_into_blockwise_partition():
         assert torch.equal(a, b)
 
 
+def test_an_mlp_width_that_its_ratio_does_not_give_back_exactly():
+    """704 x (3840 / 704) is 3839.99... in floating point: the MLP would be built one unit short. A decoder
+    MLP of another ratio than the encoder's has no place here: a clear error, not a size mismatch."""
+    sizes = dict(image_size=32, patch_size=16, num_frames=2, tubelet_size=2, hidden_size=704, num_hidden_layers=1,
+                 num_attention_heads=11, intermediate_size=3840, decoder_hidden_size=352, decoder_num_hidden_layers=1,
+                 decoder_num_attention_heads=11)
+    assert int(704 * (3840 / 704)) == 3839
+    ours = from_hf(transformers.VideoMAEForPreTraining(transformers.VideoMAEConfig(**sizes,
+                                                                                   decoder_intermediate_size=1920)))
+    assert ours.layers[0].mlp.fc1.out_features == 3840 and ours.decoders[0].layers[0].mlp.fc1.out_features == 1920
+    with pytest.raises(ConfigError, match="decoder_intermediate_size=1408: the decoder's MLP here is 1920 wide"):
+        from_hf(transformers.VideoMAEForPreTraining(transformers.VideoMAEConfig(**sizes,
+                                                                                decoder_intermediate_size=1408)))
+
+
 def test_presets_are_videomaes_sizes():
     """Loading official weights takes the head counts from the preset (the tensors' shapes do not carry
     them), so a preset must match VideoMAE's pretrain_videomae_*_patch16_224 exactly: encoder width, depth
