@@ -15,12 +15,14 @@ def pooled_layers(model: VideoMAE, clips: torch.Tensor, batch_size: int, device)
     """Mean-pooled features per layer [(N, D)] and the token-level relative change between
     consecutive layers, sqrt(sum ||x_l+1 - x_l||^2 / sum ||x_l||^2) over all tokens of all clips."""
     model = model.to(device).eval()
-    means, diff, norm = [], 0.0, 0.0
+    pairs = len(model.layers) - 1  # consecutive layers (none in a one-layer encoder)
+    means, diff, norm = [], torch.zeros(pairs, dtype=torch.float64), torch.zeros(pairs, dtype=torch.float64)
     for batch in clips.split(batch_size):
         feats = model.forward_intermediates(normalize_video(batch.to(device)))  # [(B, L, D)]
         means.append(torch.stack([f.mean(1) for f in feats]).double().cpu())  # (layers, B, D)
-        diff = diff + torch.stack([(b - a).double().pow(2).sum() for a, b in zip(feats, feats[1:])]).cpu()
-        norm = norm + torch.stack([a.double().pow(2).sum() for a in feats[:-1]]).cpu()
+        if pairs:
+            diff += torch.stack([(b - a).double().pow(2).sum() for a, b in zip(feats, feats[1:])]).cpu()
+            norm += torch.stack([a.double().pow(2).sum() for a in feats[:-1]]).cpu()
     return list(torch.cat(means, 1).unbind(0)), (diff / norm).sqrt().tolist()
 
 
@@ -32,6 +34,9 @@ def analyze(model: VideoMAE, clips: torch.Tensor, other: VideoMAE | None = None,
     attention metrics over the first `attention_clips` clips (none when 0).
     clips: uint8 (N, C, T, H, W). With `other`, also the CKA matrix between the two models' layers, over
     the same videos: `other_clips` where `other` reads them at its own clip size, else `clips`."""
+    if len(model.layers) < 2:
+        raise ConfigError(f"a {len(model.layers)}-layer encoder: the analysis compares consecutive layers, "
+                          "expected at least 2")
     usable = len(clips) // batch_size * batch_size
     if usable < batch_size:
         raise ConfigError(f"{len(clips)} clips, fewer than one CKA batch of {batch_size}")

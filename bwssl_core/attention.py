@@ -72,7 +72,8 @@ def moving_tubes(video: torch.Tensor, cfg: ModelConfig, share: float = MOVING_SH
     its frames and pixels; the first frame has none), and the top `share` of tubes by it.
     video (B, C, T, H, W), any scale -> bool (B, L), round(share * L) True per clip (at least 1)."""
     t, p = cfg.tubelet_size, cfg.patch_size
-    diff = (video[:, :, 1:] - video[:, :, :-1]).abs().float().mean(1)  # (B, T - 1, H, W)
+    v = video.float()  # a uint8 difference would wrap around
+    diff = (v[:, :, 1:] - v[:, :, :-1]).abs().mean(1)  # (B, T - 1, H, W)
     diff = torch.nn.functional.pad(diff, (0, 0, 0, 0, 1, 0))  # (B, T, H, W): frame 0 changes by 0
     energy = torch.nn.functional.avg_pool3d(diff[:, None], (t, p, p)).flatten(1)  # (B, L)
     out = torch.zeros_like(energy, dtype=torch.bool)

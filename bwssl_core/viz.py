@@ -308,10 +308,9 @@ class AttentionPanel:
         self.attn = {run: torch.stack(maps).half() for run, maps in attentions.items()}  # (layers, h, L, L)
         self.frames = _rgb(clip)
         T_, H_, W_ = cfg.grid
-        heads = next(iter(self.attn.values())).shape[1]
         slider = dict(continuous_update=False, style={"description_width": "initial"})
         self.run = w.Dropdown(options=list(attentions), description="run")
-        self.head = w.Dropdown(options=[("mean", -1)] + [(str(i), i) for i in range(heads)], description="head")
+        self.head = w.Dropdown(options=[("mean", -1)], description="head")  # the run's heads: _run_changed
         self.block = w.IntSlider(0, min=0, max=0, description="block", **slider)
         self.layer = w.IntSlider(0, min=0, max=0, description="layer in block", **slider)
         self.frame = w.IntSlider(0, min=0, max=cfg.num_frames - 1, description="shown frame", **slider)
@@ -377,12 +376,17 @@ class AttentionPanel:
         self.attn = {}
 
     def _run_changed(self, _=None) -> None:
-        """Another run at the same depth: the layer shown before, in this run's block and layer within it."""
+        """Another run: the layer shown before, in this run's block and layer within it; the head shown
+        before where this run has it, else the mean (runs of one grid may differ in heads)."""
         sizes = self.partitions[self.run.value]
         layer = min(self._shown, sum(sizes) - 1)
         block = next(k for k in range(len(sizes)) if layer < sum(sizes[:k + 1]))
+        heads = self.attn[self.run.value].shape[1]
         was, self._busy = self._busy, True  # one draw at the end (none inside set(), which draws itself)
         try:
+            head = self.head.value if self.head.value < heads else -1
+            self.head.options = [("mean", -1)] + [(str(i), i) for i in range(heads)]
+            self.head.value = head
             self.block.max = len(sizes) - 1
             self.block.value = block
             self.layer.max = sizes[block] - 1

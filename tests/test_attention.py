@@ -93,6 +93,10 @@ def test_moving_tubes_find_where_the_clip_changes_and_attention_to_them(tiny):
     expected = torch.zeros(2, 4, 4, dtype=torch.bool)
     expected[0, 3, 1] = expected[1, 3, 1] = expected[1, 3, 2] = expected[1, 3, 3] = True  # (slice, row, col)
     assert torch.equal(moving.view(2, 4, 4), expected)
+    clip = torch.full((1, 3, 4, 32, 32), 100, dtype=torch.uint8)  # uint8: a darkening must not wrap around
+    clip[:, :, 1:, 0:8, 0:8] -= 10  # tube (0, 0, 0) darkens by 10, tube (0, 1, 1) brightens by 30
+    clip[:, :, 1:, 8:16, 8:16] += 30
+    assert moving_tubes(clip, cfg, share=1 / 32).nonzero()[:, 1].tolist() == [5]
     assert moving_tubes(video, cfg).sum() == 3  # the default share: round(0.1 * 32) tubes
     uniform = torch.full((1, 2, 32, 32), 1 / 32)
     assert attention_to(uniform, moving).tolist() == [4 / 32] * 2

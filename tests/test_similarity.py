@@ -252,3 +252,27 @@ def test_effective_rank():
     assert effective_rank(randn(n, d, seed=5)) > 0.8 * d  # isotropic: near full rank
     with pytest.raises(ValueError, match="constant"):
         effective_rank(torch.ones(10, 3))
+
+
+@pytest.mark.parametrize("depth", [3, 1])
+def test_analyze_token_change_over_batches_and_a_one_layer_encoder(tiny, depth):
+    """The token-level change is accumulated over batches exactly as over all clips at once; a one-layer
+    encoder has no consecutive pair: pooled_layers gives no change, analyze says why it cannot compare."""
+    from bwssl_core.analyze import analyze, pooled_layers
+    from bwssl_core.batches import normalize_video
+    from bwssl_core.config import ConfigError
+    from bwssl_core.model import VideoMAE
+
+    model = VideoMAE(tiny(depth=depth, partition=(depth,))).eval()
+    clips = torch.randint(0, 256, (8, 3, 4, 32, 32), dtype=torch.uint8)
+    pooled, change = pooled_layers(model, clips, 5, "cpu")  # batches of 5 and 3
+    with torch.no_grad():
+        feats = [f.double() for f in model.forward_intermediates(normalize_video(clips))]
+    expected = [float(((b - a).norm() / a.norm())) for a, b in zip(feats, feats[1:])]
+    assert len(pooled) == depth and change == pytest.approx(expected, rel=1e-6)
+    if depth == 1:
+        with pytest.raises(ConfigError, match="a 1-layer encoder: the analysis compares consecutive layers"):
+            analyze(model, clips, batch_size=4, attention_clips=0, knn=2)
+    else:
+        out = analyze(model, clips, batch_size=4, attention_clips=0, knn=2)
+        assert out["token_relative_change"] == pytest.approx(expected, rel=1e-6) and len(out["knn_overlap"]) == 2

@@ -55,6 +55,24 @@ def test_panel_block_changes_the_map_in_place(diag):
     assert draws == [1]  # one redraw for several controls
 
 
+def test_panel_follows_each_runs_head_count(diag):
+    """Runs of one token grid may differ in heads (ViT-S 6, ViT-B 12 at 16 x 224 x 224): the head list is the
+    shown run's, and a head the next run lacks falls back to the mean."""
+    _, _, clip, _, cfg = diag
+    L = cfg.num_tokens
+    maps = {"four": [torch.softmax(torch.randn(4, L, L), -1)] * 2, "two": [torch.softmax(torch.randn(2, L, L), -1)] * 2}
+    panel = viz.AttentionPanel(maps, {"four": (2,), "two": (2,)}, clip, cfg)
+    assert [v for _, v in panel.head.options] == [-1, 0, 1, 2, 3]
+    panel.set(head=3)
+    panel.set(run="two")
+    assert [v for _, v in panel.head.options] == [-1, 0, 1] and panel.head.value == -1
+    np.testing.assert_allclose(panel.attention_map(), maps["two"][0].mean(0)[panel.query].view(cfg.grid)[0].numpy(),
+                               atol=1e-3)
+    panel.set(head=1)
+    panel.set(run="four")
+    assert panel.head.value == 1 and len(panel.head.options) == 5
+
+
 def test_a_closed_panel_lets_its_maps_go(diag):
     import gc
     import weakref
