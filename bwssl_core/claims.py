@@ -131,7 +131,7 @@ def saturate_rows(analysis: dict) -> list[dict]:
     for name, a in analysis.items():
         early, late = halves(a["token_relative_change"], 2, a["layers"])
         rows.append({"model": name, "change, first half": early, "change, second half": late,
-                     "second / first": late / early, "kNN overlap, second half": halves(a["knn_overlap"], 2,
+                     "second / first": late / early if early else float("nan"), "kNN overlap, second half": halves(a["knn_overlap"], 2,
                                                                                            a["layers"])[1],
                      "CKA with the layer before, second half": halves(a["consecutive_cka"], 2, a["layers"])[1]})
     return rows
@@ -242,12 +242,16 @@ def summary(probe: dict, analysis: dict, reference: str, n: int, attention: dict
                            _onsets([r for r in earlier if r["run"] == name])))
         if name in change and reference in change:
             s, e, c = (change.get(m, {}) for m in (name, reference, control))
+            ratio, ref_ratio = s["second / first"], e["second / first"]
+            verdict = ("undefined: no layer of the first half has a change measure (they start at layer 2; "
+                       "fewer than 4 layers)" if math.isnan(ratio) or math.isnan(ref_ratio) else
+                       f"BWSSL's late layers change {'less' if ratio < ref_ratio else 'more'} than E2E's, "
+                       "against their early ones")
             lines.append(_line("3. late blocks saturate", name, "relative change of a layer, second half over first "
                                "half of the layers; kNN overlap with the layer before, second half",
-                               f"{s['second / first']:.2f} (E2E {e['second / first']:.2f}"
-                               + (f", random init {c['second / first']:.2f}" if c else "") + "): BWSSL's late layers "
-                               f"change {'less' if s['second / first'] < e['second / first'] else 'more'} than E2E's, "
-                               f"against their early ones; kNN overlap {s['kNN overlap, second half']:.3f} (E2E "
+                               f"{ratio:.2f} (E2E {ref_ratio:.2f}"
+                               + (f", random init {c['second / first']:.2f}" if c else "") + f"): {verdict}; "
+                               f"kNN overlap {s['kNN overlap, second half']:.3f} (E2E "
                                f"{e['kNN overlap, second half']:.3f})"))
         key = "entropy (nats), first half"
         if key in mixed.get(name, {}) and key in mixed.get(reference, {}) and "uniform attention" in mixed:
@@ -295,7 +299,8 @@ def over_seeds(said: dict[int, dict]) -> list[dict]:
         lines.append(_line("2. information is decodable earlier, over seeds", name,
                            f"as above, seeds {seeds}, poolings {pools}", _onsets(onsets)))
         ratios = [({r["model"]: r["second / first"] for r in s["saturate"]}) for s in said.values()]
-        pairs = [(r[name], r[ref]) for r in ratios if name in r and ref in r]
+        pairs = [(r[name], r[ref]) for r in ratios if name in r and ref in r  # nan: too shallow to say
+                 and not (math.isnan(r[name]) or math.isnan(r[ref]))]
         if pairs:
             more = sum(b > e for b, e in pairs)
             lines.append(_line("3. late blocks saturate, over seeds", name, f"as above, seeds {seeds}",

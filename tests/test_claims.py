@@ -195,6 +195,17 @@ def test_a_half_without_layers_is_nan_not_an_error():
     assert math.isnan(early) and math.isnan(late)
     early, late = claims.halves([0.4], 2, 2)  # two layers: layer 2 is the second half
     assert math.isnan(early) and late == 0.4
+    # three layers: no ratio, so claim 3 says no direction (nan < nan read as "more" before), and over seeds
+    # it counts no seed
+    probe = _probe({"e2e": {("mean", "motion"): [0.2, 0.6, 0.8]}, "k2": {("mean", "motion"): [0.3, 0.6, 0.8]}},
+                   {("mean", "motion"): [0.2] * 3})
+    change = {"layers": 3, "token_relative_change": [0.1, 0.1], "pooled_relative_change": [0.1, 0.1],
+              "knn_overlap": [0.9] * 2, "consecutive_cka": [0.99] * 2}
+    said = claims.summary(probe, {"e2e": change, "k2": {**change, "token_relative_change": [0.9, 0.9]}}, "e2e", 500)
+    line = {r["claim"]: r["what the numbers say"] for r in said["lines"]}["3. late blocks saturate"]
+    assert line.startswith("nan (E2E nan): undefined: no layer of the first half") and "more" not in line
+    assert [r["claim"] for r in claims.over_seeds({0: said, 1: said})] == ["2. information is decodable earlier, "
+                                                                          "over seeds"]
 
 
 def test_onsets_over_seeds_count_only_what_every_seed_probed():
