@@ -38,7 +38,8 @@ def _probe(entry: VideoEntry, decode_size) -> tuple[int, tuple[int, ...]] | str:
 
 
 def _decode_into(entry: VideoEntry, decode_size, tmp: str, shape: tuple, offset: int, n: int) -> str | None:
-    """Decode all n frames of a video into rows [offset, offset + n) of the frames file, or say why not."""
+    """Decode all n frames of a video into rows [offset, offset + n) of the frames file, or say why not (a
+    video can open and give its first frame, and still be damaged further in)."""
     frames = np.memmap(tmp, np.uint8, "r+", shape=shape)
     try:
         reader = open_video(entry.path, decode_size)
@@ -46,7 +47,7 @@ def _decode_into(entry: VideoEntry, decode_size, tmp: str, shape: tuple, offset:
             hi = min(lo + CHUNK, n)
             frames[offset + lo:offset + hi] = read_frames(reader, range(lo, hi))  # (k, H, W, C)
     except Exception as err:
-        return f"{entry.source}: {entry.path}: cannot decode ({_reason(err)})"
+        return f"cannot decode ({_reason(err)})"
     frames.flush()
     return None
 
@@ -56,7 +57,8 @@ def build_cache(list_file: str | Path, out_dir: str | Path, root: str | Path | N
                 overwrite: bool = False) -> Path:
     """Decode every video of `list_file` once (as VideoClips would, with the same decode_size) into
     `out_dir`. Videos must share one frame size (give decode_size otherwise). skip_bad drops videos
-    that cannot be read (listed in index.json's "bad") instead of failing."""
+    that cannot be read, whether at the first look or in the full decode (listed in index.json's "bad";
+    the frame rows of one that failed midway stay unused), instead of failing."""
     list_file, out = Path(list_file), Path(out_dir)
     if (out / INDEX).exists() or (out / FRAMES).exists():
         if not overwrite:
@@ -75,7 +77,8 @@ def build_cache(list_file: str | Path, out_dir: str | Path, root: str | Path | N
                 bad.append((entry, probe))
             else:
                 raise DataError(f"{entry.source}: {entry.path}: {probe}")
-        report_bad(list_file, len(entries), bad, None)
+        if not good:
+            report_bad(list_file, len(entries), bad, None)  # none can be read: says so
         hwc = good[0][2]
         for entry, _, shape in good:
             if shape != hwc:
@@ -91,9 +94,13 @@ def build_cache(list_file: str | Path, out_dir: str | Path, root: str | Path | N
             os.ftruncate(fd, int(np.prod(shape)))
             args = [[e for e, _, _ in good], [decode_size] * len(good), [str(tmp)] * len(good), [shape] * len(good),
                     offsets, counts]
-            for problem in run(_decode_into, *args):
+            failed = set()
+            for k, problem in enumerate(run(_decode_into, *args)):
+                if problem and not skip_bad:
+                    raise DataError(f"{good[k][0].source}: {good[k][0].path}: {problem}")
                 if problem:
-                    raise DataError(problem)
+                    bad.append((good[k][0], problem))
+                    failed.add(k)
             os.fsync(fd)
             os.replace(tmp, out / FRAMES)
         except BaseException:
@@ -104,8 +111,9 @@ def build_cache(list_file: str | Path, out_dir: str | Path, root: str | Path | N
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+    report_bad(list_file, len(entries), bad, None)
     videos = [dict(path=str(e.path), source=e.source, line=e.line, label=e.label, offset=o, frames=n)
-              for (e, n, _), o in zip(good, offsets)]
+              for k, ((e, n, _), o) in enumerate(zip(good, offsets)) if k not in failed]
     save_json(out / INDEX, dict(version=CACHE_VERSION, list_file=str(list_file.resolve()),
                                 decode_size=_pair(decode_size), height=hwc[0], width=hwc[1], channels=hwc[2],
                                 total_frames=shape[0], videos=videos,

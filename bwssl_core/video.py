@@ -191,7 +191,8 @@ class VideoClips(ClipSampler):
     skip_bad: probe every video first (open, frame count) and drop those that cannot give a clip,
     listing them in `.bad` as (entry, reason) and in `bad_list_out` (source, path, reason; tab-separated).
     Otherwise a bad video raises DataError naming it and its list line when its item is read. A bad
-    video is never replaced by another.
+    video is never replaced by another. The probe decodes no frame: a video damaged further in is found when
+    a clip reaches it (DataError); a clip cache built with skip_bad decodes every frame and drops it.
     """
 
     def __init__(self, list_file: str | Path, root: str | Path | None = None, num_frames: int = 16,
@@ -200,7 +201,7 @@ class VideoClips(ClipSampler):
                  num_classes: int | None = None, skip_bad: bool = False, bad_list_out: str | Path | None = None,
                  seed: int = 0):
         super().__init__(num_frames, sampling_rate, mode, num_clips, num_crops, transform, repeats, seed)
-        self.list_file, self.decode_size = Path(list_file), decode_size
+        self.list_file, self.decode_size, self.skip_bad = Path(list_file), decode_size, skip_bad
         entries = parse_list_file(list_file, root, num_classes, check_files=not skip_bad)
         self.bad: list[tuple[VideoEntry, str]] = []
         if skip_bad:
@@ -227,7 +228,9 @@ class VideoClips(ClipSampler):
         entry = self.entries[i]
 
         def fail(err: Exception) -> DataError:
-            return DataError(f"{entry.source}: {entry.path}: cannot decode ({_reason(err)})")
+            hint = ("; it opened when skip_bad probed it, so it is damaged further in: build a clip cache with "
+                    "skip_bad (bwssl cache --skip-bad), which decodes every frame") if self.skip_bad else ""
+            return DataError(f"{entry.source}: {entry.path}: cannot decode ({_reason(err)}){hint}")
         try:
             reader = open_video(entry.path, self.decode_size)
         except Exception as err:

@@ -8,7 +8,7 @@ from test_video import make_bad, pattern, write_list, write_mp4
 from torch.utils.data import DataLoader
 
 from bwssl_core.cache import CachedClips, build_cache, gpu_augment
-from bwssl_core.video import DataError, VideoClips, eval_transform, train_transform
+from bwssl_core.video import DataError, VideoClips, eval_transform, open_video, read_frames, train_transform
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,53 @@ def test_bad_videos_refused_or_skipped(vids, tmp_path):
     assert [v["source"] for v in index["videos"]] == ["list.txt:1"]
     expected = [(f"list.txt:{i + 2}", str(b)) for i, b in enumerate(bad)]
     assert [(b["source"], b["path"]) for b in index["bad"]] == expected
+
+
+def damaged_midway(path, size=32, frames=120):
+    """An H.264 video of noise that opens, counts its frames and gives frame 0, with 4,000 bytes overwritten
+    at 70% of the file: only a full decode finds the damage."""
+    import av
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=8, options={"crf": "10", "preset": "fast", "g": "8"})
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv444p"
+        for _ in range(frames):
+            noise = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(noise, format="rgb24")))
+        container.mux(stream.encode())
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * 0.7)
+    data[at:at + 4000] = b"\xff" * 4000
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_video_damaged_midway_is_refused_or_skipped(vids, tmp_path):
+    """skip_bad's first look (open, frame count, frame 0) passes such a video; the full decode of the cache
+    build must still drop it rather than stop, and VideoClips names it with what to do when a clip reaches it."""
+    damaged = damaged_midway(tmp_path / "damaged.mp4")
+    reader = open_video(damaged, None)
+    assert len(reader) == 120 and read_frames(reader, [0]).shape == (1, 32, 32, 3)
+    lst = write_list(tmp_path / "list.txt", [f"{vids / 'a.mp4'} 0", "damaged.mp4 1", f"{vids / 'b.mp4'} 2"])
+    with pytest.raises(DataError, match=r"list\.txt:2: .*damaged\.mp4: cannot decode"):
+        build_cache(lst, tmp_path / "refused")
+    with pytest.warns(UserWarning, match="1 of 3"):
+        out = build_cache(lst, tmp_path / "cache", skip_bad=True)
+    index = json.loads((out / "index.json").read_text())
+    assert [v["source"] for v in index["videos"]] == ["list.txt:1", "list.txt:3"]
+    assert [b["source"] for b in index["bad"]] == ["list.txt:2"] and "cannot decode" in index["bad"][0]["reason"]
+    cached = CachedClips(out, num_frames=4, sampling_rate=2, mode="eval")
+    direct = VideoClips(lst, num_frames=4, sampling_rate=2, mode="eval", skip_bad=True)
+    assert [e.source for e in direct.entries] == ["list.txt:1", "list.txt:2", "list.txt:3"]  # the probe passes it
+    assert torch.equal(cached[1][0], direct[2][0]) and cached[1][1] == 2  # b.mp4, after the dropped video
+    with pytest.warns(UserWarning, match="2 of 3"):  # a and b are too short for 16 frames at rate 4
+        long = VideoClips(lst, num_frames=16, sampling_rate=4, skip_bad=True)
+    with pytest.raises(DataError, match="damaged further in: build a clip cache with skip_bad"):
+        for epoch in range(8):  # until a clip reaches the damage (training starts are random)
+            long.set_epoch(epoch)
+            long[0]
 
 
 def test_short_videos_in_the_cache(vids, tmp_path):
