@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .probe import feature_precision, holdout_split
+from .probe import class_labels, feature_precision, holdout_split
 
 
 class AttentivePool(nn.Module):
@@ -68,6 +68,7 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_token
     if train_tokens.ndim != 3 or val_tokens.shape[1:] != train_tokens.shape[1:]:
         raise ConfigError(f"tokens: expected (N, L, D) for both splits, got train {tuple(train_tokens.shape)} "
                           f"and validation {tuple(val_tokens.shape)}")
+    train_y, val_y = class_labels(train_y, "train_y"), class_labels(val_y, "val_y")
     if len(train_tokens) != len(train_y) or len(val_tokens) != len(val_y):
         raise ConfigError(f"tokens and labels differ in length: train {len(train_tokens)} vs {len(train_y)}, "
                           f"validation {len(val_tokens)} vs {len(val_y)}")

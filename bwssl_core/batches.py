@@ -91,10 +91,11 @@ def load_clip_tensors(path: str | Path) -> tuple[torch.Tensor, dict[str, torch.T
     if not (isinstance(clips, torch.Tensor) and clips.dtype == torch.uint8 and clips.dim() == 5):
         raise ConfigError(f"{path}: expected a uint8 tensor (N, T, H, W, C), got "
                           f"{getattr(clips, 'dtype', type(clips).__name__)} {tuple(getattr(clips, 'shape', ()))}")
-    bad = [k for k, y in labels.items() if not (isinstance(y, torch.Tensor) and y.shape == (len(clips),))]
+    bad = [k for k, y in labels.items() if not (isinstance(y, torch.Tensor) and y.shape == (len(clips),)
+                                                  and not (y.dtype.is_floating_point or y.dtype == torch.bool))]
     if bad:
         raise ConfigError(f"{path}: labels {bad} are not one integer per clip ({len(clips)} clips)")
-    return clips, labels
+    return clips, {k: y.long() for k, y in labels.items()}
 
 
 class ClipTensorFile:

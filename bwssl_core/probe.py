@@ -239,6 +239,15 @@ def holdout_split(n: int, holdout: float, seed: int = 0, device="cpu") -> tuple[
     return order[:n_hold], order[n_hold:]
 
 
+def class_labels(y: torch.Tensor, what: str) -> torch.Tensor:
+    """Labels as int64 class indices (numpy and `.int()` give int32), or a ConfigError naming `what`."""
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ConfigError(f"{what}: labels of dtype {y.dtype}, expected integer class indices")
+    if len(y) and int(y.min()) < 0:
+        raise ConfigError(f"{what}: label {int(y.min())}, expected class indices from 0")
+    return y.long()
+
+
 def probe_spaces(spaces: list[ProbeSpace], labels: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  l2_grid=(1e-1, 1e-2, 1e-3, 1e-4), holdout: float = 0.2, seed: int = 0,
                  max_iter: int = MAX_ITER) -> list[dict[str, dict]]:
@@ -250,6 +259,8 @@ def probe_spaces(spaces: list[ProbeSpace], labels: dict[str, tuple[torch.Tensor,
     n, m = len(spaces[0].train), len(spaces[0].val)
     dev = spaces[0].train.device
     counts = {}
+    labels = {fam: tuple(class_labels(y, f"{fam} ({split})") for y, split in zip(ys, ("train", "validation")))
+              for fam, ys in labels.items()}
     for fam, (train_y, val_y) in labels.items():
         if n != len(train_y) or m != len(val_y):
             raise ConfigError(f"features and labels{'' if fam == 'y' else f' of {fam}'} differ in length: "

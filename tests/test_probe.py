@@ -51,6 +51,33 @@ def test_linear_probe_reads_a_linear_label_and_not_noise():
     assert linear_probe(x[:400], noise[:400], x[400:], noise[400:])["acc"] < 0.4
 
 
+def test_labels_of_any_integer_dtype_and_a_clear_error_for_the_rest(tmp_path):
+    """int32 labels (what numpy and .int() give) probe as int64 do, linearly and attentively, also from a
+    tensor data file; float or negative labels are named instead of failing deep inside one_hot."""
+    from bwssl_core.attentive import attentive_probe
+    from bwssl_core.batches import load_clip_tensors
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    want = linear_probe(x[:150], y[:150], x[150:], y[150:])
+    assert linear_probe(x[:150], y[:150].int(), x[150:], y[150:].int()) == want
+    tokens = x.view(200, 2, 4)
+    kw = dict(epochs=2, batch_size=50, precision="fp32")
+    assert attentive_probe(tokens[:150], y[:150].int(), tokens[150:], y[150:].short(), **kw) == \
+        attentive_probe(tokens[:150], y[:150], tokens[150:], y[150:], **kw)
+    with pytest.raises(ConfigError, match=r"y \(train\): labels of dtype torch.float32, expected integer"):
+        linear_probe(x[:150], y[:150].float(), x[150:], y[150:])
+    with pytest.raises(ConfigError, match=r"y \(validation\): label -1, expected class indices from 0"):
+        linear_probe(x[:150], y[:150], x[150:], y[150:] - 1)
+    clips = torch.zeros(3, 4, 8, 8, 3, dtype=torch.uint8)
+    torch.save({"clips": clips, "labels": {"motion": torch.tensor([0, 1, 2], dtype=torch.int32)}}, tmp_path / "a.pt")
+    assert load_clip_tensors(tmp_path / "a.pt")[1]["motion"].dtype == torch.int64
+    torch.save({"clips": clips, "labels": {"motion": torch.tensor([0.0, 1.0, 2.0])}}, tmp_path / "b.pt")
+    with pytest.raises(ConfigError, match=r"b\.pt: labels \['motion'\] are not one integer per clip"):
+        load_clip_tensors(tmp_path / "b.pt")
+
+
 def test_poolings_keep_when_and_where():
     x = torch.arange(16 * 6, dtype=torch.float).view(1, 16, 6)  # grid (2, 2, 4), D = 6
     assert pool_tokens(x, (2, 2, 4), "mean").shape == (1, 6)
