@@ -129,7 +129,7 @@ def hf_step(cfg: ModelConfig, video: torch.Tensor, bf16: bool, seed: int) -> Cal
     count = iter(range(10 ** 9))
 
     def step():
-        g = step_generator(seed + 1, next(count), device)
+        g = step_generator("mask", seed, next(count), device)
         hidden_mask = tube_mask(video.shape[0], cfg.grid, cfg.mask_ratio, g, device).hidden
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(pixel_values=pixel_values, bool_masked_pos=hidden_mask).loss

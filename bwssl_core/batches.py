@@ -33,15 +33,23 @@ def normalize_video(video: torch.Tensor) -> torch.Tensor:
     return video.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)
 
 
+# One tag per random stream of a run, so that no two streams share draws: (seed + 1, step) for the masks once
+# drew what run seed + 1's (seed, step) drew for its epoch order (RNG_STREAMS counts this numbering).
+STREAMS = {"order": 1, "item": 2, "mask": 3, "augment": 4, "shapes": 5}
+RNG_STREAMS = 2  # saved with every run: a run trained with other streams is not resumed with these
+
+
 def hashed_seed(*keys: int) -> int:
     """A 63-bit seed that depends on `keys` only, hashed (numpy's SeedSequence) so that its low 32 bits do
-    too: torch's CPU generator keeps only those, so (seed << 32) + step gave every seed the same stream."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+    too: torch's CPU generator keeps only those, so (seed << 32) + step gave every seed the same stream.
+    The key count is hashed too: SeedSequence reads (a, b) as (a, b, 0)."""
+    return int(np.random.SeedSequence([*keys, len(keys)]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def step_generator(seed: int, step: int, device=None) -> torch.Generator:
-    """A generator seeded by (seed, step): what step `step` draws does not depend on the past."""
-    return torch.Generator(device=device or "cpu").manual_seed(hashed_seed(seed, step))
+def step_generator(stream: str, seed: int, step: int, device=None) -> torch.Generator:
+    """A generator of one of a run's STREAMS, seeded by (stream, seed, step): what step `step` draws does
+    not depend on the past."""
+    return torch.Generator(device=device or "cpu").manual_seed(hashed_seed(STREAMS[stream], seed, step))
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, start_step: int = 0,
@@ -53,18 +61,18 @@ def epoch_batches(n: int, batch_size: int, seed: int, start_step: int = 0,
     for step in itertools.count(start_step):
         e, i = divmod(step, per_epoch)
         if e != epoch:
-            epoch, order = e, torch.randperm(n, generator=step_generator(seed, e))
+            epoch, order = e, torch.randperm(n, generator=step_generator("order", seed, e))
         yield epoch, order[i * batch_size:(i + 1) * batch_size][rows]
 
 
 def augmented(augment, video: torch.Tensor, seed: int, step: int, rows: slice, total: int) -> torch.Tensor:
-    """augment(video) (e.g. cache.gpu_augment) with its draws made from (seed + 2, step) on video's
+    """augment(video) (e.g. cache.gpu_augment) with its draws made from ("augment", seed, step) on video's
     device for all `total` clips of the step's global batch, of which video is `rows`: every process
     of a data-parallel run, a resumed run and a single-process run give a clip the same crop and flip,
     and no model's initialisation moves the stream (the global generator is not used)."""
     if augment is None:
         return video
-    return augment(video, generator=step_generator(seed + 2, step, video.device), rows=rows, total=total)
+    return augment(video, generator=step_generator("augment", seed, step, video.device), rows=rows, total=total)
 
 
 def clip_rows(videos: slice, repeats: int) -> slice:
@@ -164,7 +172,7 @@ class MovingShapes:
     def batch(self, step: int) -> torch.Tensor:
         """The global batch of `step`: normalised (B, C, T, H, W)."""
         c, B, dev = self.cfg, self.batch_size, self.device
-        g = step_generator(self.seed, step, dev)
+        g = step_generator("shapes", self.seed, step, dev)
         rand = lambda *shape: torch.rand(*shape, generator=g, device=dev)  # noqa: E731
         T, S, C = c.num_frames, c.img_size, c.in_chans
         t = torch.linspace(0, 1, T, device=dev)[None, :, None, None]  # (1, T, 1, 1)

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .batches import normalize_video
+from .batches import RNG_STREAMS, normalize_video
 from .config import ConfigError, ModelConfig, TrainConfig, to_dict
 from .io import RunError, save_checkpoint, save_json, save_text
 from .masking import Mask
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, out = dist.get_rank(), Path(args.out)
         config = {"model": to_dict(mcfg), "train": to_dict(tcfg), "world_size": K, "pipeline": True,
-                  "data": {"path": args.data, **to_dict(dcfg)}, "preset": args.preset}
+                  "rng_streams": RNG_STREAMS, "data": {"path": args.data, **to_dict(dcfg)}, "preset": args.preset}
         if rank == 0:
             claim_folder(out, args.overwrite)
             save_json(out / "config.json", config)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .batches import normalize_video, shard, step_generator
+from .batches import RNG_STREAMS, normalize_video, shard, step_generator
 from .config import ConfigError, ModelConfig, TrainConfig, from_dict, to_dict
 from .io import RunError, config_diff, load_checkpoint, remove_stale_temps, save_checkpoint, save_json
 from .masking import Mask, tube_mask
@@ -99,7 +99,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def step_mask(mcfg: ModelConfig, tcfg: TrainConfig, step: int, device) -> Mask:
     """The mask of the global batch of `step`, drawn from (seed, step): the same for every process, a
     resumed run and a block-parallel pipeline."""
-    g = step_generator(tcfg.seed + 1, step, device)
+    g = step_generator("mask", tcfg.seed, step, device)
     return tube_mask(tcfg.batch_size, mcfg.grid, mcfg.mask_ratio, g, device, mcfg.dec_keep)
 
 
@@ -149,7 +149,7 @@ class Trainer:
         self.local_batch = self.tcfg.batch_size // self.world
         shard(self.tcfg.batch_size, self.rank, self.world)  # fails early when the batch does not divide
         self.config = {"model": to_dict(self.mcfg), "train": to_dict(self.tcfg), "world_size": self.world,
-                       **(extra or {})}
+                       "rng_streams": RNG_STREAMS, **(extra or {})}
         torch.manual_seed(self.tcfg.seed)
         self.model = VideoMAE(self.mcfg).to(self.device)
         fused = {"fused": True} if self.device.type == "cuda" else {}
@@ -193,6 +193,10 @@ class Trainer:
             if "imported" in state["config"]:
                 raise RunError(f"{ckpt}: weights imported with `bwssl import`, not a training run: no optimiser "
                                "state or step to resume from")
+            if state["config"].get("rng_streams") != RNG_STREAMS:
+                raise RunError(f"{ckpt}: trained with the random streams of an earlier bwssl (data order, masks, "
+                               "crops); resumed here it would change them midway. Retrain it (--overwrite), or "
+                               "resume it with the version that started it")
             saved = with_defaults(state["config"])
             now = {k: v for k, v in self.config.items() if k != "train"}
             saved["train"] = {k: v for k, v in saved["train"].items() if k not in RESUMABLE}

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .batches import hashed_seed
+from .batches import STREAMS, hashed_seed
 from .config import ConfigError
 from .io import save_text
 from .listfile import DataError, VideoEntry, file_problem, parse_list_file
@@ -89,8 +89,8 @@ def clip_indices(starts: np.ndarray, num_frames: int, sampling_rate: int) -> np.
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed that depends on (seed, epoch, index) only."""
-    return hashed_seed(seed, epoch, index)
+    """A 63-bit seed that depends on (seed, epoch, index) only: an item's clip starts and crop."""
+    return hashed_seed(STREAMS["item"], seed, epoch, index)
 
 
 def square_crops(video: torch.Tensor, count: int) -> torch.Tensor:
