@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -231,8 +232,8 @@ def cmd_pretrain(args) -> None:
     tcfg = TrainConfig(**_picked(args, _TRAIN_FLAGS)).validate()
     dcfg = DataConfig(**_picked(args, _DATA_FLAGS)).validate()
     device = str(resolve_device(args.device))
-    if not args.resume:
-        claim_folder(Path(args.out), args.overwrite)  # before the data writes its list of bad videos there
+    if not args.resume and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone: a later rank
+        claim_folder(Path(args.out), args.overwrite)  # would find (or delete) rank 0's new config.json
     source = make_source(args, mcfg, tcfg, dcfg, device)
     last = pretrain(mcfg, tcfg, source, args.out, resume=args.resume, overwrite=args.overwrite, device=device,
                     extra={"data": {"path": args.data, **dataclasses.asdict(dcfg)}, "preset": args.preset})
