@@ -73,10 +73,17 @@ def check(params: dict, name: str) -> dict:
 def parameters(scope: dict, name: str) -> dict:
     """The notebook's parameters as the kernel holds them (after Papermill's injected cell), checked. In a
     kernel started in notebooks/ (as JupyterLab starts one), the working folder becomes the repository
-    root, so that relative paths (data/synth, runs/...) mean what they mean to `bwssl study`."""
+    root, so that relative paths (data/synth, runs/...) mean what they mean to `bwssl study`.
+
+    A kernel that ran this check before (cells run again in JupyterLab) also holds the notebook's own
+    variables: there only the parameters' types are checked (Papermill starts a fresh kernel each time)."""
     if Path.cwd().resolve() == NOTEBOOKS:
         os.chdir(NOTEBOOKS.parent)
+    again = scope.get("_bwssl_notebook") == name
+    scope["_bwssl_notebook"] = name
     given = {k: v for k, v in scope.items()
              if not k.startswith("_") and k not in _KERNEL_NAMES
              and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+    if again:
+        given = {k: v for k, v in given.items() if k in defaults(name)}
     return check(given, name)

@@ -242,3 +242,22 @@ def test_a_notebook_opened_in_jupyterlab_works_from_the_repository_root(monkeypa
     monkeypatch.chdir(NOTEBOOKS)
     assert parameters({"steps": 5}, "01_pretrain")["steps"] == 5
     assert Path.cwd() == NOTEBOOKS.parent and (Path.cwd() / "notebooks" / "01_pretrain.py").is_file()
+
+
+def test_a_notebook_run_again_in_its_kernel_passes_its_own_variables():
+    """Cells run a second time in one kernel (JupyterLab) meet the first run's variables (P, dev, ...): only
+    the parameters are checked then; in a fresh kernel (Papermill) a name the notebook does not take is
+    still named, and a wrong type is refused either way."""
+    from bwssl_core.notebook import parameters
+
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) stpes"):
+        parameters({"stpes": 5}, "01_pretrain")
+    kernel = {"steps": 5}
+    assert parameters(kernel, "01_pretrain")["steps"] == 5
+    kernel.update(P={"steps": 5}, dev="cpu", summary={})  # what the first run left behind
+    assert parameters(kernel, "01_pretrain")["steps"] == 5
+    kernel["steps"] = "five"
+    with pytest.raises(ConfigError, match="parameter steps='five' is a str"):
+        parameters(kernel, "01_pretrain")
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) P, dev, steps, summary"):  # another notebook's
+        parameters({**kernel, "steps": 5}, "02_probe")
