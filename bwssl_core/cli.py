@@ -315,8 +315,11 @@ def cmd_study(args) -> None:
     from .study import NOTEBOOK_ORDER, run_study, scale_params
 
     out = Path(args.out or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}")
-    if args.resume and (out / "study.json").exists() and not args.smoke and args.scale == "auto":
-        params = json.loads((out / "study.json").read_text())["params"]  # what it was started with
+    if args.resume and (out / "study.json").exists():
+        params = json.loads((out / "study.json").read_text())["params"]  # what it was started with, -p's included
+        if args.smoke or args.scale != "auto":
+            print(f"{out}: --resume takes the parameters the study was started with (study.json); "
+                  "--scale and --smoke are ignored", file=sys.stderr)
     else:
         params = scale_params("smoke" if args.smoke else args.scale, torch.cuda.is_available())
     for name, value in args.param:

@@ -210,6 +210,22 @@ def test_a_study_never_takes_over_a_folder_nor_changes_a_finished_notebook(tmp_p
     assert json.loads((study / "study.json").read_text())["params"] == {"steps": 20}  # untouched
 
 
+def test_resume_takes_the_saved_parameters_whatever_the_scale_flags(tmp_path, monkeypatch, capsys):
+    """--resume --smoke (or --scale) once rebuilt the parameters from the scale, dropping the -p's the study
+    was started with: its unfinished notebooks ran with other values."""
+    import bwssl_core.study
+
+    study = tmp_path / "study"
+    save_json(study / "study.json", {"params": {**SMOKE, "steps": 30, "cka_batch": 8},
+                                     "notebooks": list(NOTEBOOK_ORDER)})
+    calls = []
+    monkeypatch.setattr(bwssl_core.study, "run_study", lambda out, params, notebooks, resume: calls.append(params))
+    for flags in (["--smoke"], ["--scale", "smoke"], []):
+        assert main(["study", "--resume", "--out", str(study), *flags, "-p", "lr", "0.01"]) == 0
+        assert calls.pop() == {**SMOKE, "steps": 30, "cka_batch": 8, "lr": 0.01}
+        assert ("--scale and --smoke are ignored" in capsys.readouterr().err) == bool(flags)
+
+
 def test_resuming_some_notebooks_keeps_the_study_s_parameters_for_the_others(tmp_path, monkeypatch):
     """--resume --notebooks 03_patches of a study whose parameters include the sweep's: taken (they are the
     study's), a finished notebook outside the subset still guards its own, and study.json keeps them all."""
