@@ -232,9 +232,13 @@ def cmd_pretrain(args) -> None:
     tcfg = TrainConfig(**_picked(args, _TRAIN_FLAGS)).validate()
     dcfg = DataConfig(**_picked(args, _DATA_FLAGS)).validate()
     device = str(resolve_device(args.device))
-    if not args.resume and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone: a later rank
-        claim_folder(Path(args.out), args.overwrite)  # would find (or delete) rank 0's new config.json
-    source = make_source(args, mcfg, tcfg, dcfg, device)
+    # under torchrun rank 0 alone claims the folder: a later rank would find (or delete) rank 0's new config.json
+    claims = not args.resume and os.environ.get("RANK", "0") == "0"
+    if claims and not args.overwrite:
+        claim_folder(Path(args.out))  # refuses a folder that holds a run, before any work
+    source = make_source(args, mcfg, tcfg, dcfg, device)  # checks the data: a mistake there deletes nothing
+    if claims and args.overwrite:  # keep the list of bad videos the data has just written there
+        claim_folder(Path(args.out), True, also=() if dcfg.skip_bad else ("bad_videos.txt",))
     last = pretrain(mcfg, tcfg, source, args.out, resume=args.resume, overwrite=args.overwrite, device=device,
                     extra={"data": {"path": args.data, **dataclasses.asdict(dcfg)}, "preset": args.preset})
     print(json.dumps({"out": args.out, **last}))

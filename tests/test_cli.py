@@ -84,6 +84,11 @@ def test_resume_and_refusals(tmp_path, capsys):
     assert main([*run, "--resume", "--steps", "3"]) == 2  # a longer run would change the schedule
     assert main([*run, "--resume", "--log-every", "5"]) == 0  # already finished: nothing to do
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+    capsys.readouterr()
+    before = {f: (tmp_path / f).read_bytes() for f in ("config.json", "metrics.jsonl", "checkpoint.pt")}
+    assert main([*run, "--overwrite", "--data", str(tmp_path / "clipz.pt")]) == 2  # a typo in --data
+    assert "clipz.pt" in capsys.readouterr().err
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before  # the run it would replace is kept
 
 
 def test_pretrain_from_a_data_folder_and_its_cache(tmp_path, synth_data):
