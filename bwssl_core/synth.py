@@ -240,16 +240,14 @@ def _clear(out: Path) -> None:
         shutil.rmtree(out / "videos")
 
 
-def _write_tensors(out: Path, n_train: int, n_val: int, cfg: SynthConfig, seed: int, device, info: dict,
+def _write_tensors(out: Path, n_train: int, n_val: int, cfg: SynthConfig, seed: int, device,
                    chunk: int = 256) -> None:
     """{split}.pt: {"clips": uint8 (N, T, H, W, C), "labels": {family: (N,)}}, rendered on `device`; val.pt,
-    synth.json, then train.pt."""
+    then train.pt."""
     for split, n in (("val", n_val), ("train", n_train)):
         f = split_factors(n, cfg, seed, split)
         clips = torch.cat([render({k: v[s:s + chunk] for k, v in f.items()}, cfg, device).cpu()
                            for s in range(0, n, chunk)])
-        if split == "train":
-            save_json(out / "synth.json", info)
         save_tensors(out / f"{split}.pt", {"clips": clips, "labels": labels(f)})
 
 
@@ -267,13 +265,17 @@ def write_dataset(out: str | Path, n_train: int = 2000, n_val: int = 500, cfg: S
         raise ConfigError(f"format={fmt!r}: expected one of {', '.join(FORMATS)}")
     if holds_dataset(out) and not overwrite:
         raise RunError(f"{out} already holds a data set: choose another --out or pass --overwrite")
+    foreign = [] if (out / "synth.json").exists() else [n for n in (*SET_FILES, "videos") if (out / n).exists()]
+    if foreign and not overwrite:
+        raise RunError(f"{out} holds {', '.join(foreign)}, not written by bwssl synth: choose another --out or "
+                       "pass --overwrite")
     _clear(out)  # a set of the other format must not outlive this one (train.csv would win over train.pt)
     info = {"config": asdict(cfg), "seed": seed, "n_train": n_train, "n_val": n_val, "format": fmt,
             "families": {k: n for k, n in FAMILIES.items()}, "motions": MOTIONS, "shapes": SHAPES,
             "primary": "motion"}
+    save_json(out / "synth.json", info)  # first: a write cut short is then known as ours, and cleared by the next
     if fmt == "tensor":
-        out.mkdir(parents=True, exist_ok=True)
-        _write_tensors(out, n_train, n_val, cfg, seed, device, info)
+        _write_tensors(out, n_train, n_val, cfg, seed, device)
         return out
     workers = workers or os.cpu_count() or 1
     jobs, rows = [], []
@@ -296,7 +298,6 @@ def write_dataset(out: str | Path, n_train: int = 2000, n_val: int = 500, cfg: S
     writer.writeheader()
     writer.writerows(rows)
     save_text(out / "metadata.csv", table.getvalue())
-    save_json(out / "synth.json", info)
     for split in ("val", "train"):  # train.csv last: only a finished set holds one
         save_text(out / f"{split}.csv", "".join(f"{r['path']} {r['motion']}\n" for r in rows if r["split"] == split))
     return out

@@ -127,6 +127,43 @@ def test_overwriting_with_the_other_format_leaves_only_the_new_set(tmp_path, tin
     assert json.loads((tmp_path / "synth.json").read_text())["seed"] == 2 and synth.holds_dataset(tmp_path)
 
 
+def test_files_bwssl_synth_did_not_write_are_never_cleared_without_overwrite(tmp_path, capsys):
+    """A folder with one's own val.csv and metadata.csv (no train list, so no data set) once lost them to
+    `bwssl synth`; now it is refused by name. A set cut short after val.pt (synth.json already written) is
+    known as ours and written again."""
+    from bwssl_core import synth
+    from bwssl_core.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "val.csv").write_text("clip.mp4 0\n")
+    (mine / "metadata.csv").write_text("path,motion\n")
+    args = ["synth", "--out", str(mine), "--n-train", "8", "--n-val", "4", "--size", "32", "--frames", "4",
+            "--format", "tensor"]
+    assert main(args) == 2
+    assert "holds val.csv, metadata.csv, not written by bwssl synth" in capsys.readouterr().err
+    assert (mine / "val.csv").read_text() == "clip.mp4 0\n" and not (mine / "val.pt").exists()
+    assert main([*args, "--overwrite"]) == 0 and not (mine / "val.csv").exists()
+    cfg = SynthConfig(size=32, frames=4)
+    cut = tmp_path / "cut"
+    calls = []
+
+    def save_val_only(path, obj):
+        calls.append(path.name)
+        if path.name == "train.pt":
+            raise KeyboardInterrupt
+        save_tensors(path, obj)
+    save_tensors = synth.save_tensors
+    synth.save_tensors = save_val_only
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            synth.write_dataset(cut, 8, 4, cfg, fmt="tensor")
+    finally:
+        synth.save_tensors = save_tensors
+    assert calls == ["val.pt", "train.pt"] and (cut / "synth.json").exists() and not synth.holds_dataset(cut)
+    assert ensure_dataset(cut, 8, 4, cfg, fmt="tensor") == cut and synth.holds_dataset(cut)
+
+
 def test_a_size_decord_cannot_read_back_is_refused(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path), "--n-train", "4", "--n-val", "4", "--size", "48",
                  "--frames", "4", "--workers", "1"]) == 2
