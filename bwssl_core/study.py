@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -211,7 +212,6 @@ def check_study(params: dict) -> None:
     """Every parameter known to some notebook and of its type (notebook.check), the presets and block
     counts (blocks, sweep points) valid: checked before the first notebook, not 15 minutes into a study.
     All notebooks' parameters, whichever run_study runs: they are the study's."""
-    from .config import model_config
     from .notebook import check, defaults
 
     all_names = {k for name in NOTEBOOK_ORDER for k in defaults(name)}
@@ -223,9 +223,9 @@ def check_study(params: dict) -> None:
     main, depth = full["01_pretrain"]["preset"], full["01_pretrain"]["depth"]
 
     def fits(preset: str, k: int, what: str) -> None:
-        own = {"depth": depth} if depth and preset == main else {}  # notebook 01's depth: its preset's points
+        own = depth if preset == main else 0  # notebook 01's depth: its preset's points; another preset: its own
         try:
-            model_config(preset, blocks=k, **own)
+            run_configs({**full["01_pretrain"], "preset": preset, "depth": own}, k)
         except ConfigError as err:
             raise ConfigError(f"{what}: {err}") from None
 
@@ -236,6 +236,40 @@ def check_study(params: dict) -> None:
         for k in ks:
             fits(preset, k, f"sweep point '{preset}:{k}'" + (f" (depth={depth})" if depth and preset == main else ""))
     sweep_seeds(full["04_sweep"]["seeds"], 0)
+    probe = full["02_probe"]  # the tables, CKA across and the claims of notebook 02 are measured against reference
+    if probe["reference"] not in probe["runs"] and probe["reference"] not in {Path(r).name for r in probe["runs"]}:
+        raise ConfigError(f"reference={probe['reference']!r}: not one of notebook 02's runs {probe['runs']} (blocks "
+                          "gives them: include 1 for E2E, or name another reference)")
+    check_poolings(probe["poolings"])
+
+
+def run_configs(p: dict, k: int):
+    """Notebook 01's model and training configs of its run with k blocks, from its checked parameters `p`: one
+    place, so that check_study refuses before a study starts what notebook 01 would refuse in it. The
+    learning rates are per 256 clips inside TrainConfig: a bad lr or batch_size is named here as given."""
+    from .config import TrainConfig, model_config
+
+    if p["batch_size"] < 1:
+        raise ConfigError(f"batch_size={p['batch_size']}: expected a positive integer")
+    if not (math.isfinite(p["lr"]) and p["lr"] > 0):
+        raise ConfigError(f"lr={p['lr']!r}: expected a finite number > 0")
+    if not (math.isfinite(p["min_lr"]) and p["min_lr"] >= 0):
+        raise ConfigError(f"min_lr={p['min_lr']!r}: expected a finite number >= 0")
+    mcfg = model_config(p["preset"], blocks=k, mask_ratio=p["mask_ratio"], norm_target=not p["plain_target"],
+                        dec_keep=p["dec_keep"], **({"dec_depth": p["dec_depth"]} if p["dec_depth"] else {}),
+                        **({"depth": p["depth"]} if p["depth"] else {}))
+    tcfg = TrainConfig(steps=p["steps"], batch_size=p["batch_size"], base_lr=p["lr"] * 256 / p["batch_size"],
+                       min_lr=p["min_lr"] * 256 / p["batch_size"], warmup_steps=p["warmup_steps"],
+                       log_every=max(1, p["steps"] // 40), ckpt_every=max(1, p["steps"] // 4), seed=p["seed"],
+                       compile=p["torch_compile"]).validate()
+    return mcfg, tcfg
+
+
+def check_poolings(poolings: list[str]) -> None:
+    """Notebook 02's poolings: mean among them, which its final table, R@1 figure and the report read."""
+    if "mean" not in poolings:
+        raise ConfigError(f"poolings={poolings}: expected 'mean' among them (the final table, the R@1 figure and "
+                          "the report read mean pooling)")
 
 
 def notebook_params(params: dict, name: str) -> dict:

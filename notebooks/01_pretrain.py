@@ -28,13 +28,13 @@
 import plotly.io as pio
 import torch
 
-from bwssl_core import TrainConfig, model_config, notebook, viz
+from bwssl_core import model_config, notebook, viz
 from bwssl_core.batches import normalize_video
 from bwssl_core.evaluate import load_split
 from bwssl_core.figures import loss_figure
 from bwssl_core.io import save_json
 from bwssl_core.patches import reconstructions
-from bwssl_core.study import metrics, results_path, run_dir, run_name, train_run
+from bwssl_core.study import metrics, results_path, run_configs, run_dir, run_name, train_run
 from bwssl_core.synth import SynthConfig, ensure_dataset
 from bwssl_core.train import load_run, resolve_device
 
@@ -88,11 +88,7 @@ print("train clips", tuple(clips.shape), "validation clips", tuple(val_clips.sha
 summary = {}
 for k in blocks:
     name = run_name(k)
-    mcfg = model_config(preset, blocks=k, mask_ratio=mask_ratio, norm_target=not plain_target, dec_keep=dec_keep,
-                        **({"dec_depth": dec_depth} if dec_depth else {}), **({"depth": depth} if depth else {}))
-    tcfg = TrainConfig(steps=steps, batch_size=batch_size, base_lr=lr * 256 / batch_size,
-                       min_lr=min_lr * 256 / batch_size, warmup_steps=warmup_steps,
-                       log_every=max(1, steps // 40), ckpt_every=max(1, steps // 4), seed=seed, compile=torch_compile)
+    mcfg, tcfg = run_configs(P, k)  # lr and min_lr are per batch here, per 256 clips in TrainConfig
     last = train_run(run_dir(study, name), mcfg, tcfg, clips, dev, extra={"data": data, "preset": preset})
     rows = metrics(run_dir(study, name))
     summary[name] = {"blocks": k, "partition": list(mcfg.partition), "steps": last["step"],

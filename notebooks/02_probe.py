@@ -38,11 +38,12 @@ import plotly.io as pio
 
 from bwssl_core import claims, figures, notebook, viz
 from bwssl_core.analyze import analyze
+from bwssl_core.config import ConfigError
 from bwssl_core.evaluate import clip_shape, depthwise, load_split, random_init
 from bwssl_core.figures import (attentive_curve_figure, attentive_rows, best_gain, best_layers, change_figure,
                                  cka_figure, final_table, html_table, probe_figure)
 from bwssl_core.io import save_json
-from bwssl_core.study import results_path, run_paths
+from bwssl_core.study import check_poolings, results_path, run_paths
 from bwssl_core.train import load_run, resolve_device
 from IPython.display import HTML, display
 
@@ -60,10 +61,13 @@ device = "auto"  # "auto": the local GPU if any, else the CPU
 
 # %%
 P = notebook.parameters(globals(), "02_probe")
+check_poolings(poolings)
 pio.renderers.default = viz.static_renderer()
 dev = str(resolve_device(None if device == "auto" else device))
 models = {name: load_run(path, dev) for name, path in run_paths(study, runs).items()}
 reference = reference if reference in models else Path(reference).name  # a path's run: its folder's name
+if reference not in models:  # the tables' gaps, CKA across and the claims are measured against it
+    raise ConfigError(f"reference={reference!r}: not one of the runs {list(models)}")
 splits = {}  # clip shape (frames, pixels) -> (train, val): the same videos, read at each run's own size
 for model, _ in models.values():
     if clip_shape(model.cfg) not in splits:
@@ -72,7 +76,7 @@ for model, _ in models.values():
         print(clip_shape(model.cfg), "train", tuple(train[0].shape), "validation", tuple(val[0].shape),
               "families", list(train[1]))
 clips = {name: splits[clip_shape(model.cfg)] for name, (model, _) in models.items()}  # name -> (train, val)
-val = clips[reference if reference in clips else next(iter(clips))][1]
+val = clips[reference][1]
 
 # %% [markdown]
 # ## Linear probe and retrieval, layer by layer
@@ -111,7 +115,7 @@ if attentive_layers:
 # and against the reference; raw pixels have no depth, so no curve.
 
 # %%
-ref_model = models[reference][0] if reference in models else None
+ref_model = models[reference][0]
 analysis = {}
 for name, (model, _) in models.items():
     other = ref_model if name != reference else None
@@ -121,12 +125,11 @@ for name, (model, _) in models.items():
     if other is not None:
         cka_figure(analysis[name]["cka_across"], f"CKA across: {name} (rows) vs {reference} (columns)",
                    rows=f"{name} layer", cols=f"{reference} layer").show()
-if ref_model is not None:
-    control = figures.CONTROLS["random_init"]
-    analysis[control] = analyze(random_init(ref_model.cfg, models[reference][1]["train"]["seed"]), val[0], ref_model,
-                                batch_size=cka_batch, attention_clips=0, device=dev)
-    cka_figure(analysis[control]["cka_across"], f"CKA across: {control} (rows) vs {reference} (columns)",
-               rows=f"{control} layer", cols=f"{reference} layer").show()
+control = figures.CONTROLS["random_init"]
+analysis[control] = analyze(random_init(ref_model.cfg, models[reference][1]["train"]["seed"]), val[0], ref_model,
+                            batch_size=cka_batch, attention_clips=0, device=dev)
+cka_figure(analysis[control]["cka_across"], f"CKA across: {control} (rows) vs {reference} (columns)",
+           rows=f"{control} layer", cols=f"{reference} layer").show()
 change_figure(analysis).show()
 
 # %% [markdown]

@@ -40,9 +40,8 @@ def test_study_failure_is_named_and_a_rerun_continues(tmp_path, capsys):
     first = (out / "01_pretrain.ipynb").stat().st_mtime_ns
     with pytest.raises(RunError, match="already holds a study"):
         run_study(out, params)  # never silently over a study
-    assert main(["study", "--smoke", "--resume", "--out", str(out), "-p", "data", str(data), "-p", "data_format",
-                 "tensor", "-p", "points", "['tiny:1', 'tiny:4']", "-p", "dec_depth", "2", "-p", "seeds", "[1]",
-                 "-p", "depth", "8"]) == 0
+    # --resume takes the parameters the study was started with, the faulty one too: -p corrects it
+    assert main(["study", "--smoke", "--resume", "--out", str(out), "-p", "families", "[]"]) == 0
     assert (data / "train.pt").exists() and not (data / "train.csv").exists()
     assert (out / "01_pretrain.ipynb").stat().st_mtime_ns == first  # finished: not run again
     assert (out / "runs" / "e2e" / "checkpoint.pt").stat().st_mtime_ns == trained
@@ -150,7 +149,17 @@ def test_bad_study_parameters_stop_before_anything_runs(tmp_path):
                             ({"depth": 6, "blocks": [1, 4]},
                              r"blocks=\[1, 4\] of preset 'cpu', depth=6: blocks=4: expected a divisor of depth=6"),
                             ({"depth": 8, "points": ["cpu:1", "cpu:3"]}, r"sweep point 'cpu:3' \(depth=8\)"),
-                            ({"depth": -1}, "depth=-1: expected a positive integer")]:
+                            ({"depth": -1}, "depth=-1: expected a positive integer"),
+                            # notebook 01's training values, named as given (batch_size=0 was a ZeroDivisionError
+                            # in the notebook, lr=-1e-3 a base_lr=-0.016 no one gave)
+                            ({"batch_size": 0}, "batch_size=0: expected a positive integer"),
+                            ({"lr": -1e-3}, r"lr=-0.001: expected a finite number > 0"),
+                            ({"steps": 0}, "steps=0: expected a positive integer"),
+                            ({"mask_ratio": 1.0}, "mask_ratio=1.0"),
+                            ({"dec_keep": 0.0}, "dec_keep=0.0"),
+                            ({"blocks": [2, 4]}, r"reference='e2e': not one of notebook 02's runs \['bwssl-k2', "
+                                                 r"'bwssl-k4'\]"),
+                            ({"poolings": ["slices"]}, r"poolings=\['slices'\]: expected 'mean' among them")]:
         with pytest.raises(ConfigError, match=message):
             run_study(tmp_path / "s", params)
         assert not (tmp_path / "s").exists()  # nothing written: the corrected call can use the same --out
