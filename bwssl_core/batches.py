@@ -107,14 +107,14 @@ def load_clip_tensors(path: str | Path) -> tuple[torch.Tensor, dict[str, torch.T
 
 
 class ClipTensorFile:
-    """Clips from a tensor file (see load_clip_tensors), shuffled each epoch."""
+    """Clips from a tensor file (see load_clip_tensors), shuffled each epoch; `augment` as DatasetBatches'."""
 
-    def __init__(self, path: str | Path, batch_size: int, seed: int = 0, device="cpu"):
+    def __init__(self, path: str | Path, batch_size: int, seed: int = 0, device="cpu", augment=None):
         path = Path(path)
         clips, _ = load_clip_tensors(path)
         if len(clips) < batch_size:
             raise ConfigError(f"{path}: {len(clips)} clips, fewer than batch_size={batch_size}")
-        self.clips, self.batch_size, self.seed, self.device = clips, batch_size, seed, device
+        self.clips, self.batch_size, self.seed, self.device, self.augment = clips, batch_size, seed, device, augment
 
     def clip_shape(self) -> tuple[int, int, int, int]:
         """(C, T, H, W) of one clip."""
@@ -123,9 +123,10 @@ class ClipTensorFile:
 
     def __call__(self, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
         rows = shard(self.batch_size, rank, world)
-        for _, ids in epoch_batches(len(self.clips), self.batch_size, self.seed, start_step, rows):
-            clips = self.clips[ids].to(self.device, non_blocking=True)  # (b, T, H, W, C)
-            yield normalize_video(clips.permute(0, 4, 1, 2, 3))
+        batches = epoch_batches(len(self.clips), self.batch_size, self.seed, start_step, rows)
+        for step, (_, ids) in enumerate(batches, start_step):
+            clips = self.clips[ids].to(self.device, non_blocking=True).permute(0, 4, 1, 2, 3)  # (b, C, T, H, W)
+            yield normalize_video(augmented(self.augment, clips, self.seed, step, rows, self.batch_size))
 
 
 class DatasetBatches:

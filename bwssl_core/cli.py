@@ -175,15 +175,25 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
     from .evaluate import tensor_rate_check
     from .prefetch import CacheBatches
 
+    from .cache import gpu_augment
+
     size, expected = mcfg.img_size, (mcfg.in_chans, mcfg.num_frames, mcfg.img_size, mcfg.img_size)
     if args.data == "synthetic":
+        if dcfg != DataConfig():
+            raise ConfigError("--data synthetic generates its clips: the data options (--sampling-rate, --repeats, "
+                              "--no-augment, --no-flip, --skip-bad) do not apply to it")
         return MovingShapes(mcfg, tcfg.batch_size, tcfg.seed, device)
     path = Path(args.data)
     if path.is_dir() and (path / "train.pt").exists() and not (path / "train.csv").exists():
         path = path / "train.pt"  # a folder of clip tensors (bwssl synth --format tensor)
+    augment = partial(gpu_augment, size=size, flip=dcfg.flip) if dcfg.augment else None
     if path.suffix == ".pt":
         tensor_rate_check(path, dcfg.sampling_rate)
-        source = ClipTensorFile(path, tcfg.batch_size, tcfg.seed)
+        for flag, value in (("repeats", dcfg.repeats != 1), ("skip-bad", dcfg.skip_bad)):
+            if value:
+                raise ConfigError(f"--{flag}: {path} holds clip tensors, one per clip, none bad; it applies to "
+                                  "videos")
+        source = ClipTensorFile(path, tcfg.batch_size, tcfg.seed, augment=augment)
         if source.clip_shape() != expected:
             raise ConfigError(f"{path}: clips of (C, T, H, W) = {source.clip_shape()}, expected {expected} "
                               f"for preset {args.preset!r} (set --num-frames / --img-size)")
@@ -196,15 +206,11 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
         raise ConfigError(f"batch_size={tcfg.batch_size}: expected a multiple of repeats={dcfg.repeats}")
     common = dict(num_frames=mcfg.num_frames, sampling_rate=rate, mode="train", repeats=dcfg.repeats,
                   skip_bad=dcfg.skip_bad, seed=tcfg.seed)
-    augment, bad_list = None, Path(args.out) / "bad_videos.txt"
+    bad_list = Path(args.out) / "bad_videos.txt"
     if (path / "index.json").exists():  # a clip cache: crops and flips run on the training device
-        from .cache import gpu_augment
-
         dataset = CachedClips(path, bad_list_out=bad_list, **common)
         stored = (dataset.shape[1], dataset.shape[2])
-        if dcfg.augment:
-            augment = partial(gpu_augment, size=size, flip=dcfg.flip)
-        elif stored != (size, size):
+        if not dcfg.augment and stored != (size, size):
             raise ConfigError(f"{path}: cached frames are {stored[0]}x{stored[1]}, expected {size}x{size} "
                               f"without augmentation (or rebuild the cache with --decode-size {size})")
     else:
@@ -219,7 +225,7 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
                              **common)
     if isinstance(dataset, CachedClips):  # threads copy clips into pinned memory (prefetch.py)
         return CacheBatches(dataset, tcfg.batch_size // dcfg.repeats, tcfg.seed, args.workers, device, augment)
-    return DatasetBatches(dataset, tcfg.batch_size // dcfg.repeats, tcfg.seed, args.workers, device, augment)
+    return DatasetBatches(dataset, tcfg.batch_size // dcfg.repeats, tcfg.seed, args.workers, device)  # transform: crops
 
 
 def cmd_pretrain(args) -> None:
@@ -239,8 +245,9 @@ def cmd_pretrain(args) -> None:
     source = make_source(args, mcfg, tcfg, dcfg, device)  # checks the data: a mistake there deletes nothing
     if claims and args.overwrite:  # keep the list of bad videos the data has just written there
         claim_folder(Path(args.out), True, also=() if dcfg.skip_bad else ("bad_videos.txt",))
+    data = {"path": args.data, **({} if args.data == "synthetic" else dataclasses.asdict(dcfg))}  # what applied
     last = pretrain(mcfg, tcfg, source, args.out, resume=args.resume, overwrite=args.overwrite, device=device,
-                    extra={"data": {"path": args.data, **dataclasses.asdict(dcfg)}, "preset": args.preset})
+                    extra={"data": data, "preset": args.preset})
     print(json.dumps({"out": args.out, **last}))
 
 

@@ -150,6 +150,15 @@ def test_the_report_reads_each_seed_of_the_main_preset_from_the_sweep(tmp_path):
     assert len(over) == 2 and all("seeds 0, 7" in line["measure"] for line in over)
     assert _claims(tmp_path, results, None, {"parameters": {"preset": "tiny", "seed": 0}}, sweep)["lines"] == \
         [line for line in said["lines"] if line not in over]  # another preset's sweep: no seeds to read
+    # a sweep point without K = 1 (points cpu:2, cpu:4) measures against its smallest K, which its claims would
+    # call E2E: K = 4's claims over seeds would mix "against E2E" (seed 0) with "against K = 2" (seed 7)
+    curves = {("mean", "motion"): [0.6] * 3}
+    main = {**results, "probe": {**results["probe"], "k4": results["probe"]["k2"]},
+            "analysis": {**results["analysis"], "k4": results["analysis"]["k2"]}}
+    point = {"probe": _probe({"k2": curves, "k4": curves}, {("mean", "motion"): [0.2] * 3}),
+             "analysis": {"k2": change, "k4": change}, "reference": "k2", "blocks": {"k2": 2, "k4": 4}}
+    save_json(results_path(point_path(tmp_path, "cpu", 7), "02_probe"), point)
+    assert not [line for line in _claims(tmp_path, main, None, pre, sweep)["lines"] if "over seeds" in line["claim"]]
 
 
 def test_early_mixing_is_paired_clip_by_clip_when_the_clips_are_kept():

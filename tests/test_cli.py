@@ -28,14 +28,31 @@ def test_pretrain_from_the_command_line(tmp_path, capsys):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"]["dec_shared"] is True and config["model"]["mask_ratio"] == 0.5
     assert config["model"]["partition"] == [2, 2] and config["preset"] == "tiny"
-    assert config["data"]["path"] == "synthetic"
+    assert config["data"] == {"path": "synthetic"}  # no data option applies to generated clips
 
 
-def test_pretrain_from_a_clip_file(tmp_path):
+def test_pretrain_from_a_clip_file(tmp_path, capsys):
+    """Clip tensors get the crops and flips the config records (they were recorded and never applied);
+    options that apply to videos only are refused by name, as they are for generated clips."""
+    from functools import partial
+
+    from bwssl_core.batches import ClipTensorFile
+    from bwssl_core.cache import gpu_augment
+
     clips = torch.randint(0, 256, (6, 4, 32, 32, 3), dtype=torch.uint8)  # (N, T, H, W, C)
     torch.save(clips, tmp_path / "clips.pt")
     assert main(["pretrain", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "clips.pt"), *TINY]) == 0
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["augment"] is True
+    plain = next(ClipTensorFile(tmp_path / "clips.pt", 4)())
+    cropped = next(ClipTensorFile(tmp_path / "clips.pt", 4, augment=partial(gpu_augment, size=32))())
+    assert plain.shape == cropped.shape == (4, 3, 4, 32, 32) and not torch.allclose(plain, cropped)
+    capsys.readouterr()
+    for data, flags, message in ((tmp_path / "clips.pt", ["--repeats", "2"], "--repeats: "),
+                                 (tmp_path / "clips.pt", ["--skip-bad"], "--skip-bad: "),
+                                 ("synthetic", ["--no-flip"], "--data synthetic generates its clips")):
+        assert main(["pretrain", "--out", str(tmp_path / "other"), "--data", str(data), *TINY, *flags]) == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [
