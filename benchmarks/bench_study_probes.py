@@ -25,7 +25,7 @@ from bwssl_core.evaluate import depthwise, load_split, probe_layers, random_init
 from bwssl_core.io import save_json
 from bwssl_core.notebook import defaults
 from bwssl_core.probe import feature_precision, layer_features, pixel_features, pixel_tokens
-from bwssl_core.study import notebook_params, run_dir
+from bwssl_core.study import notebook_params, run_paths
 from bwssl_core.timing import add_device_args, device_from_args, device_name, sync
 from bwssl_core.train import load_run
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device, study = device_from_args(args), Path(args.study)
     par = study_parameters(study)
-    runs = {name: load_run(run_dir(study, name), device) for name in par["runs"]}
+    runs = {name: load_run(path, device) for name, path in run_paths(study, par["runs"]).items()}  # names or paths
     first, config = next(iter(runs.values()))
     cfg, seed = first.cfg, config["train"]["seed"]
     models = {**{name: model for name, (model, _) in runs.items()}, "random_init": random_init(cfg, seed),
