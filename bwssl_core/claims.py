@@ -131,8 +131,8 @@ def saturate_rows(analysis: dict) -> list[dict]:
     for name, a in analysis.items():
         early, late = halves(a["token_relative_change"], 2, a["layers"])
         rows.append({"model": name, "change, first half": early, "change, second half": late,
-                     "second / first": late / early if early else float("nan"), "kNN overlap, second half": halves(a["knn_overlap"], 2,
-                                                                                           a["layers"])[1],
+                     "second / first": late / early if early else float("nan"),
+                     "kNN overlap, second half": halves(a["knn_overlap"], 2, a["layers"])[1],
                      "CKA with the layer before, second half": halves(a["consecutive_cka"], 2, a["layers"])[1]})
     return rows
 

@@ -172,10 +172,9 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
     """The batch source that --data names (see batches.py)."""
     from .batches import ClipTensorFile, DatasetBatches, MovingShapes
     from .cache import CachedClips
+    from .cache import gpu_augment
     from .evaluate import tensor_rate_check
     from .prefetch import CacheBatches
-
-    from .cache import gpu_augment
 
     size, expected = mcfg.img_size, (mcfg.in_chans, mcfg.num_frames, mcfg.img_size, mcfg.img_size)
     if args.data == "synthetic":

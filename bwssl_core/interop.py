@@ -136,10 +136,10 @@ def config_from_official(sd: dict[str, torch.Tensor], **overrides) -> ModelConfi
     if dec_depth:
         decoder = dict(dec_dim=sd["encoder_to_decoder.weight"].shape[0], dec_depth=dec_depth,
                        dec_heads=preset and preset["dec_heads"])
-    else:  # no decoder in the weights: it keeps its initialisation, the preset's size or half the encoder's
-        heads = overrides.get("num_heads") or preset["num_heads"]
-        decoder = {k: preset[k] for k in ("dec_dim", "dec_depth", "dec_heads")} if preset else \
-            dict(dec_dim=D // 2, dec_depth=1, dec_heads=max(1, heads // 2))
+    elif preset:  # no decoder in the weights: it keeps its initialisation, at the preset's size
+        decoder = {k: preset[k] for k in ("dec_dim", "dec_depth", "dec_heads")}
+    else:  # or at half the encoder's width and heads
+        decoder = dict(dec_dim=D // 2, dec_depth=1, dec_heads=max(1, overrides["num_heads"] // 2))
     values = dict(in_chans=C, tubelet_size=t, patch_size=p, embed_dim=D, depth=depth,
                   mlp_ratio=mlp_ratio(sd["encoder.blocks.0.mlp.fc1.weight"].shape[0], D), pos_embed="1d",
                   partition=(depth,), dec_norm="encoder.norm.weight" in sd,
