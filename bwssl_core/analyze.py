@@ -37,6 +37,8 @@ def analyze(model: VideoMAE, clips: torch.Tensor, other: VideoMAE | None = None,
     if len(model.layers) < 2:
         raise ConfigError(f"a {len(model.layers)}-layer encoder: the analysis compares consecutive layers, "
                           "expected at least 2")
+    if not isinstance(batch_size, int) or batch_size < 4:  # the unbiased HSIC needs 4 samples a batch
+        raise ConfigError(f"batch_size={batch_size}: expected an integer >= 4 (clips per minibatch-CKA batch)")
     usable = len(clips) // batch_size * batch_size
     if usable < batch_size:
         raise ConfigError(f"{len(clips)} clips, fewer than one CKA batch of {batch_size}")

@@ -157,7 +157,12 @@ def depthwise(model: VideoMAE, train: tuple, val: tuple, families=None, poolings
                            attentive_protocol=ATTENTIVE_PROTOCOL, linear_protocol=LINEAR_PROTOCOL,
                            precision=precision, families=families, attentive_families=attentive_families,
                            labels={f: tensor_hash(train_labels[f], val_labels[f]) for f in probed})
-        out[name] = store.get(probe_key, lambda: probes(store.get(feat_key, compute, meta)), meta)
+        # each entry's sidecar says what it came from: the controls did not come from the trained checkpoint
+        own = {**(meta or {}), "model": name, "weights": weights} if name == "trained" else \
+            {"model": name, "weights": weights, "seed": seed if net is not None else None,
+             "control_of": {k: v for k, v in (meta or {}).items() if k != "checkpoint"}}
+        out[name] = store.get(probe_key, lambda: probes(store.get(feat_key, compute, own)),
+                              {**own, "features": feat_key})
     return out
 
 

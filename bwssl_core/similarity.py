@@ -72,11 +72,24 @@ def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     return _hsic_cross(K[None], L[None])[0, 0]
 
 
-def _normalise(kl: torch.Tensor, kk: torch.Tensor, ll: torch.Tensor, what: str) -> torch.Tensor:
+REL_TOL = 1e-10  # HSIC(K, K) below this share of ||K||_F^2 / (n (n - 3)) is round-off of an exact zero
+
+
+def _scale(grams: torch.Tensor) -> torch.Tensor:
+    """(A, n, n) centred Grams -> (A,) ||K||_F^2 / (n (n - 3)): the size HSIC(K, K) is measured against."""
+    n = grams.shape[-1]
+    return grams.pow(2).sum((1, 2)) / (n * (n - 3))
+
+
+def _normalise(kl: torch.Tensor, kk: torch.Tensor, ll: torch.Tensor, what: str,
+               kk_scale: torch.Tensor | None = None, ll_scale: torch.Tensor | None = None) -> torch.Tensor:
     """CKA = HSIC(K,L) / sqrt(HSIC(K,K) HSIC(L,L)) from (A, B), (A,) and (B,) HSIC values; raises
-    rather than returning NaN or infinity when a self-similarity is not positive."""
-    for name, self_hsic in (("first", kk), ("second", ll)):
-        bad = (self_hsic <= 0).nonzero().flatten().tolist()
+    rather than returning NaN, infinity or a ratio of round-off when a self-similarity is not
+    positive (or, given the Grams' scales, is zero up to round-off: e.g. all samples but one equal,
+    where the unbiased HSIC(K, K) is exactly 0)."""
+    for name, self_hsic, scale in (("first", kk, kk_scale), ("second", ll, ll_scale)):
+        floor = 0 if scale is None else REL_TOL * scale
+        bad = (self_hsic <= floor).nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"{what}: HSIC(K, K) of the {name} features (index {bad}) is "
                              f"{self_hsic[bad[0]].item():.3g}, expected > 0: the features have (near) "
@@ -98,7 +111,9 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = True) -> float
     grams = torch.stack([_gram(x), _gram(y)])  # (2, N, N)
     # biased: the Grams are already centred (H K H = K); the 1 / (N - 1)^2 factor cancels
     hsic = _hsic_cross(grams, grams) if debiased else torch.einsum("aij,bij->ab", grams, grams)
-    return _normalise(hsic[:1, 1:], hsic[:1, 0], hsic[1:, 1], "linear_cka").item()
+    scale = _scale(grams) if debiased else None
+    return _normalise(hsic[:1, 1:], hsic[:1, 0], hsic[1:, 1], "linear_cka",
+                      None if scale is None else scale[:1], None if scale is None else scale[1:]).item()
 
 
 class MinibatchCKA:
@@ -110,6 +125,7 @@ class MinibatchCKA:
         self.batch_size: int | None = None
         self.batches = 0
         self.hsic_ab = self.hsic_aa = self.hsic_bb = None  # (LA, LB), (LA,), (LB,) float64 sums
+        self.scale_a = self.scale_b = 0  # (LA,), (LB,) sums of _scale: how small HSIC(K, K) may be
 
     def _grams(self, feats: list[torch.Tensor], name: str) -> torch.Tensor:
         """feats: per layer (B, D) (or (B, ...), flattened) -> centred Grams (layers, B, B)."""
@@ -146,13 +162,15 @@ class MinibatchCKA:
             self.hsic_ab += hsic_ab
             self.hsic_aa += hsic_aa
             self.hsic_bb += hsic_bb
+        self.scale_a = self.scale_a + _scale(Ka)
+        self.scale_b = self.scale_b + _scale(Kb)
         self.batches += 1
 
     def compute(self) -> torch.Tensor:
         """The CKA matrix (LA, LB), float64."""
         if self.hsic_ab is None:
             raise ValueError("MinibatchCKA.compute: no batches yet, expected at least one update()")
-        return _normalise(self.hsic_ab, self.hsic_aa, self.hsic_bb, "MinibatchCKA")
+        return _normalise(self.hsic_ab, self.hsic_aa, self.hsic_bb, "MinibatchCKA", self.scale_a, self.scale_b)
 
 
 def minibatch_cka(feats_a: list[torch.Tensor], feats_b: list[torch.Tensor] | None = None, batch_size: int = 50,

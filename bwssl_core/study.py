@@ -241,6 +241,8 @@ def check_study(params: dict) -> None:
         raise ConfigError(f"reference={probe['reference']!r}: not one of notebook 02's runs {probe['runs']} (blocks "
                           "gives them: include 1 for E2E, or name another reference)")
     check_poolings(probe["poolings"])
+    if probe["cka_batch"] < 4:  # analyze() would fail only after all of notebook 02's probes
+        raise ConfigError(f"cka_batch={probe['cka_batch']}: expected at least 4 clips per minibatch-CKA batch")
 
 
 def run_configs(p: dict, k: int):

@@ -64,7 +64,8 @@ P = notebook.parameters(globals(), "02_probe")
 check_poolings(poolings)
 pio.renderers.default = viz.static_renderer()
 dev = str(resolve_device(None if device == "auto" else device))
-models = {name: load_run(path, dev) for name, path in run_paths(study, runs).items()}
+paths = run_paths(study, runs)
+models = {name: load_run(path, dev) for name, path in paths.items()}
 reference = reference if reference in models else Path(reference).name  # a path's run: its folder's name
 if reference not in models:  # the tables' gaps, CKA across and the claims are measured against it
     raise ConfigError(f"reference={reference!r}: not one of the runs {list(models)}")
@@ -88,7 +89,8 @@ for name, (model, config) in models.items():
     probe[name] = depthwise(model, *clips[name], families or None, poolings, seed=config["train"]["seed"],
                             device=dev, cache=f"{study}/features", attentive_layers=attentive_layers,
                             attentive_families=attentive_families or None,
-                            meta={"run": name, "config": config, "data": data})
+                            meta={"run": name, "config": config, "data": data,
+                                  "checkpoint": str(paths[name] / "checkpoint.pt")})
     seconds[name] = time.perf_counter() - tic
     print(f"{name}: {seconds[name]:.1f} s")
 

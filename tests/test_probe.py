@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -205,8 +207,15 @@ def test_depthwise_shares_the_random_init_control_across_partitions(tmp_path, ti
     e2e, k2 = VideoMAE(tiny()), VideoMAE(tiny(blocks=2))
     with torch.no_grad():
         k2.layers[0].mlp.fc2.bias.add_(0.5)  # a "trained" BWSSL encoder that differs from E2E's
-    first = depthwise(e2e, *data, **kw)
+    first = depthwise(e2e, *data, **kw, meta={"run": "e2e", "checkpoint": "runs/e2e/checkpoint.pt"})
     assert len(list(tmp_path.glob("*.pt"))) == 6  # features and probes of trained, random init, pixels
+    # each entry's sidecar names its own model; only the trained one came from the run's checkpoint
+    sidecars = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert sorted(m["model"] for m in sidecars) == ["pixels", "pixels", "random_init", "random_init", "trained",
+                                                    "trained"]
+    assert [m["model"] for m in sidecars if "checkpoint" in m] == ["trained", "trained"]
+    assert all(m["features"] + ".json" in {p.name for p in tmp_path.glob("*.json")}
+               for m in sidecars if m["key"].startswith("probe"))
     second = depthwise(k2, *data, **kw)
     assert len(list(tmp_path.glob("*.pt"))) == 8  # only the BWSSL run's own features and probes are new
     assert second["random_init"] == first["random_init"] and second["pixels"] == first["pixels"]

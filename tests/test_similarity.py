@@ -104,6 +104,15 @@ def test_cka_errors():
         hsic_unbiased(torch.eye(3), torch.eye(3))
     with pytest.raises(ValueError, match="square"):
         hsic_unbiased(torch.eye(5), torch.eye(6))
+    # all samples but one equal: the U-centred Gram is exactly 0, so CKA is 0 / 0, whatever round-off leaves
+    outlier = torch.ones(100, 5, dtype=torch.float64)
+    outlier[-1] *= 3.7
+    with pytest.raises(ValueError, match="HSIC\\(K, K\\) of the first features"):
+        linear_cka(outlier, randn(100, 7))
+    mb = MinibatchCKA()
+    mb.update([outlier[50:], randn(50, 4)])
+    with pytest.raises(ValueError, match=r"index \[0\]"):
+        mb.compute()
 
 
 def batches_of(feats, size):
@@ -274,5 +283,8 @@ def test_analyze_token_change_over_batches_and_a_one_layer_encoder(tiny, depth):
         with pytest.raises(ConfigError, match="a 1-layer encoder: the analysis compares consecutive layers"):
             analyze(model, clips, batch_size=4, attention_clips=0, knn=2)
     else:
+        for bad in (0, 3):  # a ZeroDivisionError and an HSIC error deep inside before
+            with pytest.raises(ConfigError, match=f"batch_size={bad}: expected an integer >= 4"):
+                analyze(model, clips, batch_size=bad, attention_clips=0, knn=2)
         out = analyze(model, clips, batch_size=4, attention_clips=0, knn=2)
         assert out["token_relative_change"] == pytest.approx(expected, rel=1e-6) and len(out["knn_overlap"]) == 2

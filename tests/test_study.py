@@ -159,7 +159,9 @@ def test_bad_study_parameters_stop_before_anything_runs(tmp_path):
                             ({"dec_keep": 0.0}, "dec_keep=0.0"),
                             ({"blocks": [2, 4]}, r"reference='e2e': not one of notebook 02's runs \['bwssl-k2', "
                                                  r"'bwssl-k4'\]"),
-                            ({"poolings": ["slices"]}, r"poolings=\['slices'\]: expected 'mean' among them")]:
+                            ({"poolings": ["slices"]}, r"poolings=\['slices'\]: expected 'mean' among them"),
+                            # analyze() failed on it only after all of notebook 02's probes
+                            ({"cka_batch": 3}, "cka_batch=3: expected at least 4")]:
         with pytest.raises(ConfigError, match=message):
             run_study(tmp_path / "s", params)
         assert not (tmp_path / "s").exists()  # nothing written: the corrected call can use the same --out
