@@ -69,12 +69,14 @@ def moving_count(num_tokens: int, share: float = MOVING_SHARE) -> int:
 
 def moving_tubes(video: torch.Tensor, cfg: ModelConfig, share: float = MOVING_SHARE) -> torch.Tensor:
     """Where a clip changes: each tube's mean absolute difference from the frame before (over channels,
-    its frames and pixels; the first frame has none), and the top `share` of tubes by it.
-    video (B, C, T, H, W), any scale -> bool (B, L), round(share * L) True per clip (at least 1)."""
-    t, p = cfg.tubelet_size, cfg.patch_size
+    its frames and pixels; the first frame, which has none, from the frame after), and the top `share` of
+    tubes by it. video (B, C, T, H, W), any scale -> bool (B, L), round(share * L) True per clip (at least 1)."""
+    t, p, T = cfg.tubelet_size, cfg.patch_size, video.shape[2]
     v = video.float()  # a uint8 difference would wrap around
-    diff = (v[:, :, 1:] - v[:, :, :-1]).abs().mean(1)  # (B, T - 1, H, W)
-    diff = torch.nn.functional.pad(diff, (0, 0, 0, 0, 1, 0))  # (B, T, H, W): frame 0 changes by 0
+    # the frame each is compared with; frame 0, with none before it, with frame 1 (a 0 there would halve the first
+    # tube slice's change at tubelet 2, and zero it at tubelet 1); a clip of one frame with itself: no change
+    before = [min(1, T - 1), *range(T - 1)]
+    diff = (v - v[:, :, before]).abs().mean(1)  # (B, T, H, W)
     energy = torch.nn.functional.avg_pool3d(diff[:, None], (t, p, p)).flatten(1)  # (B, L)
     out = torch.zeros_like(energy, dtype=torch.bool)
     return out.scatter_(1, energy.topk(moving_count(energy.shape[1], share), dim=1).indices, True)

@@ -75,7 +75,8 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_token
     if holdout and len(train_tokens) < 2:
         raise ConfigError(f"{len(train_tokens)} training sample(s): holdout={holdout} needs at least two "
                           "(one to train, one held out)")
-    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    classes, dense = torch.unique(torch.cat([train_y, val_y]), return_inverse=True)  # ids as 0..C-1
+    train_y, val_y, num_classes = dense[:len(train_y)], dense[len(train_y):], len(classes)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     probe = AttentivePool(train_tokens.shape[1], train_tokens.shape[2], num_classes, heads).to(device)

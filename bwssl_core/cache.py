@@ -62,7 +62,8 @@ def build_cache(list_file: str | Path, out_dir: str | Path, root: str | Path | N
     list_file, out = Path(list_file), Path(out_dir)
     if (out / INDEX).exists() or (out / FRAMES).exists():
         if not overwrite:
-            raise DataError(f"{out}: already holds a clip cache; pass overwrite=True to replace it")
+            raise DataError(f"{out}: already holds a clip cache; pass --overwrite to replace it, or choose another "
+                            "--out")
         (out / INDEX).unlink(missing_ok=True)  # the old index must never describe new frames
     entries = parse_list_file(list_file, root, check_files=not skip_bad)
     pool = ProcessPoolExecutor(workers) if workers > 1 else None

@@ -17,6 +17,8 @@ _MODEL_FLAGS = [f for f in dataclasses.fields(ModelConfig) if f.name != "partiti
 _TRAIN_FLAGS = list(dataclasses.fields(TrainConfig))
 _DATA_FLAGS = list(dataclasses.fields(DataConfig))
 _IMPORT_OVERRIDES = ("img_size", "num_frames", "num_heads", "dec_heads")  # `bwssl import`'s config flags
+_FIELD_HELP = {"sampling_rate": "frames between sampled frames (default: 1 for a `bwssl synth` folder or clip "
+                                "tensors, else 4, VideoMAE's); config.json records the rate used"}
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -32,7 +34,7 @@ def _add_fields(parser: argparse.ArgumentParser, fields, title: str, preset: boo
     group = parser.add_argument_group(title)
     for f in fields:
         flag = "--" + f.name.replace("_", "-")
-        help = "(the preset's value)" if preset else f"(default {f.default})"
+        help = "(the preset's value)" if preset else _FIELD_HELP.get(f.name, f"(default {f.default})")
         if f.type in ("bool", bool):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="cache folder (frames.u8, index.json)")
     c.add_argument("--root", help="folder the list's paths are relative to (default: the list file's)")
     c.add_argument("--decode-size", type=int, help="decode frames resized to this square size")
-    c.add_argument("--workers", type=int, default=1)
+    c.add_argument("--workers", type=int, default=1, help="processes decoding videos while the cache is built")
     c.add_argument("--skip-bad", action="store_true", help="skip and list bad videos instead of stopping")
     c.add_argument("--overwrite", action="store_true")
 
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "for a study copied from elsewhere) and print the paper's claims as read off them")
     r.add_argument("--study", required=True, help="study folder (bwssl study --out)")
 
-    sub.add_parser("presets", help="list the model presets")
+    sub.add_parser("presets", help="list the model presets, each with every model field's value")
     return parser
 
 
@@ -168,8 +170,33 @@ def cmd_synth(args) -> None:
     print(json.dumps({"out": str(out), "n_train": args.n_train, "n_val": args.n_val}))
 
 
-def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, device: str):
-    """The batch source that --data names (see batches.py)."""
+def auto_rate(path: Path) -> int:
+    """The sampling rate for --data when none is given: 1 for clip tensors (used frame by frame) and a `bwssl synth`
+    folder (its clips are exactly T frames) or a cache of one, else 4 (VideoMAE's)."""
+    if path.suffix == ".pt" or (path.is_dir() and (path / "train.pt").exists() and not (path / "train.csv").exists()):
+        return 1
+    folder = path if path.is_dir() else path.parent
+    if (path / "index.json").exists():  # a cache: look beside the list file it was built from
+        folder = Path(json.loads((path / "index.json").read_text()).get("list_file", path)).parent
+    return 1 if (folder / "synth.json").exists() else 4
+
+
+def sampling_rate(data: str, dcfg: DataConfig, out: Path | None = None) -> int:
+    """The sampling rate that training on --data uses: --sampling-rate, else auto_rate. A run resumed in `out`
+    whose config.json says 0 (recorded before the rate was resolved) keeps 0 where it resolves to the rate used
+    now, so that its config still matches."""
+    auto = auto_rate(Path(data))
+    rate = dcfg.sampling_rate or auto
+    saved = out / "config.json" if out is not None else None
+    if rate == auto and saved is not None and saved.is_file() and \
+            json.loads(saved.read_text()).get("data", {}).get("sampling_rate") == 0:
+        return 0
+    return rate
+
+
+def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, device: str, world: int = 1):
+    """The batch source that --data names (see batches.py); world: the data-parallel processes that share
+    each batch (torchrun's WORLD_SIZE; 1 for the pipeline, whose every rank reads the whole batch)."""
     from .batches import ClipTensorFile, DatasetBatches, MovingShapes
     from .cache import CachedClips
     from .cache import gpu_augment
@@ -192,17 +219,18 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
             if value:
                 raise ConfigError(f"--{flag}: {path} holds clip tensors, one per clip, none bad; it applies to "
                                   "videos")
-        source = ClipTensorFile(path, tcfg.batch_size, tcfg.seed, augment=augment)
+        source = ClipTensorFile(path, tcfg.batch_size, tcfg.seed, device=device, augment=augment)
         if source.clip_shape() != expected:
             raise ConfigError(f"{path}: clips of (C, T, H, W) = {source.clip_shape()}, expected {expected} "
                               f"for preset {args.preset!r} (set --num-frames / --img-size)")
         return source
-    folder = path if path.is_dir() else path.parent
-    if (path / "index.json").exists():  # a cache: look beside the list file it was built from
-        folder = Path(json.loads((path / "index.json").read_text()).get("list_file", path)).parent
-    rate = dcfg.sampling_rate or (1 if (folder / "synth.json").exists() else 4)  # synth clips are exactly T frames
+    rate = dcfg.sampling_rate or auto_rate(path)
     if tcfg.batch_size % dcfg.repeats:
         raise ConfigError(f"batch_size={tcfg.batch_size}: expected a multiple of repeats={dcfg.repeats}")
+    videos = tcfg.batch_size // dcfg.repeats
+    if videos % world:  # each process reads whole videos
+        raise ConfigError(f"batch_size={tcfg.batch_size} with repeats={dcfg.repeats}: {videos} videos a step, "
+                          f"expected a multiple of the {world} processes")
     common = dict(num_frames=mcfg.num_frames, sampling_rate=rate, mode="train", repeats=dcfg.repeats,
                   skip_bad=dcfg.skip_bad, seed=tcfg.seed)
     bad_list = Path(args.out) / "bad_videos.txt"
@@ -236,12 +264,18 @@ def cmd_pretrain(args) -> None:
     mcfg = model_config(args.preset, blocks=args.blocks, **overrides)
     tcfg = TrainConfig(**_picked(args, _TRAIN_FLAGS)).validate()
     dcfg = DataConfig(**_picked(args, _DATA_FLAGS)).validate()
+    if args.data != "synthetic":  # config.json records the rate used, not 0
+        resumed = Path(args.out) if args.resume else None
+        dcfg = dataclasses.replace(dcfg, sampling_rate=sampling_rate(args.data, dcfg, resumed))
     device = str(resolve_device(args.device))
+    if args.workers < 0:  # checked before the folder is claimed: DataLoader would refuse it after config.json
+        raise ConfigError(f"--workers={args.workers}: expected an integer >= 0")
     # under torchrun rank 0 alone claims the folder: a later rank would find (or delete) rank 0's new config.json
     claims = not args.resume and os.environ.get("RANK", "0") == "0"
     if claims and not args.overwrite:
         claim_folder(Path(args.out))  # refuses a folder that holds a run, before any work
-    source = make_source(args, mcfg, tcfg, dcfg, device)  # checks the data: a mistake there deletes nothing
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    source = make_source(args, mcfg, tcfg, dcfg, device, world)  # checks the data: a mistake there deletes nothing
     if claims and args.overwrite:  # keep the list of bad videos the data has just written there
         claim_folder(Path(args.out), True, also=() if dcfg.skip_bad else ("bad_videos.txt",))
     data = {"path": args.data, **({} if args.data == "synthetic" else dataclasses.asdict(dcfg))}  # what applied
@@ -282,15 +316,19 @@ def cmd_probe(args) -> None:
     from .io import save_json
 
     out, device, (model, config) = _open_run(args, "probe.json")
-    train = load_split(args.data, "train", model.cfg, args.sampling_rate)
-    val = load_split(args.data, "val", model.cfg, args.sampling_rate)
-    families = args.families.split(",") if args.families else None
-    cache = None if args.cache == "none" else args.cache or Path(args.run) / "features"
     try:
         layers = [int(i) for i in args.attentive_layers.split(",")] if args.attentive_layers else []
     except ValueError:
         raise ConfigError(f"--attentive-layers={args.attentive_layers}: expected comma-separated layer "
                           "indices like -1 or 0,2") from None
+    depth = model.cfg.depth
+    if any(not -depth <= i < depth for i in layers):  # checked before any data is read
+        raise ConfigError(f"--attentive-layers={args.attentive_layers}: {args.run} has {depth} encoder layers: "
+                          f"expected indices from {-depth} to {depth - 1}")
+    train = load_split(args.data, "train", model.cfg, args.sampling_rate)
+    val = load_split(args.data, "val", model.cfg, args.sampling_rate)
+    families = args.families.split(",") if args.families else None
+    cache = None if args.cache == "none" else args.cache or Path(args.run) / "features"
     meta = {"config": config, "checkpoint": str(Path(args.run) / "checkpoint.pt"), "data": str(args.data)}
     results = depthwise(model, train, val, families, seed=config["train"]["seed"], device=device, cache=cache,
                         meta=meta, attentive_layers=layers)
@@ -372,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
             cmd_study(args)
         elif args.command == "report":
             cmd_report(args)
-        elif args.command == "presets":
-            for name, values in PRESETS.items():
-                print(name, json.dumps(values))
+        elif args.command == "presets":  # every model field, as the preset resolves it (the flags' defaults)
+            from .config import to_dict
+
+            for name in PRESETS:
+                print(name, json.dumps(to_dict(model_config(name))))
     except (ConfigError, DataError, RunError, FloatingPointError) as err:
         print(f"bwssl {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -127,8 +127,8 @@ class ModelConfig:
         _need(_is_real(self.norm_eps) and 0 < self.norm_eps < 1, "norm_eps", self.norm_eps, "a number in (0, 1)")
         _need(_is_real(self.mask_ratio) and 0 <= self.mask_ratio < 1, "mask_ratio", self.mask_ratio, "in [0, 1)")
         _need(_is_real(self.dec_keep) and 0 < self.dec_keep <= 1, "dec_keep", self.dec_keep, "in (0, 1]")
-        _need(isinstance(self.partition, tuple) and len(self.partition) > 0, "partition", self.partition,
-              "a list of layer counts like (3, 3, 3, 3)")
+        _need(isinstance(self.partition, tuple) and len(self.partition) > 0 and all(map(_is_int, self.partition)),
+              "partition", self.partition, "a list of integer layer counts like (3, 3, 3, 3)")
         _need(self.num_frames % self.tubelet_size == 0, "num_frames", self.num_frames,
               f"a multiple of tubelet_size={self.tubelet_size}")
         _need(self.img_size % self.patch_size == 0, "img_size", self.img_size,
@@ -140,7 +140,8 @@ class ModelConfig:
         _need(self.pos_embed in ("3d", "1d"), "pos_embed", self.pos_embed, "'3d' or '1d'")
         if self.pos_embed == "3d":
             for name in ("embed_dim", "dec_dim"):
-                _need(getattr(self, name) % 2 == 0, name, getattr(self, name), "even for 3-D sin-cos")
+                _need(getattr(self, name) % 2 == 0 and getattr(self, name) >= 6, name, getattr(self, name),
+                      "even and at least 6 for 3-D sin-cos (2 channels or more for each of t, h, w)")
         _need(not self.norm_target or self.tubelet_size * self.patch_size ** 2 >= 2, "norm_target", self.norm_target,
               f"tubes of 2 pixels or more to normalise over (tubelet_size={self.tubelet_size} x "
               f"patch_size={self.patch_size}^2 is 1): set norm_target=False or a larger patch")
@@ -164,11 +165,11 @@ def num_decode(hidden: int, dec_keep: float) -> int:
     return max(1, round(hidden * dec_keep))
 
 
-def uniform_partition(depth: int, blocks: int) -> tuple[int, ...]:
-    """Split `depth` layers into `blocks` equal contiguous blocks."""
+def uniform_partition(depth: int, blocks: int,
+                      hint: str = "or give unequal sizes with --partition") -> tuple[int, ...]:
+    """Split `depth` layers into `blocks` equal contiguous blocks; `hint` says what else to do."""
     if blocks < 1 or depth % blocks:
-        raise ConfigError(f"blocks={blocks}: expected a divisor of depth={depth} "
-                          f"(or give unequal sizes with --partition)")
+        raise ConfigError(f"blocks={blocks}: expected a divisor of depth={depth} ({hint})")
     return (depth // blocks,) * blocks
 
 

@@ -189,12 +189,17 @@ def probe_layers(train_feats: dict, train_labels: dict, val_feats: dict, val_lab
 
 
 def best_layer_table(results: dict, metric: str = "acc") -> list[dict]:
-    """Rows of (family, pooling, trained, random_init, pixels): the best layer's value of each."""
+    """Rows of (family, pooling, trained, random_init, pixels): each one's `metric` at its best layer, the one
+    whose linear probe scored best on held-out training clips (figures.best_index; retrieval has no held-out
+    score of its own), with how the layers were chosen."""
+    from .figures import best_acc, chosen_on  # plotly's import only where a table is made
+
     rows = []
     for pool, fams in results["trained"].items():
         for fam in fams:
             if metric not in fams[fam]:  # e.g. retrieval of the attentive probe
                 continue
             rows.append({"family": fam, "pooling": pool,
-                         **{name: max(results[name][pool][fam][metric]) for name in results}})
+                         **{name: best_acc(results[name][pool][fam], metric) for name in results},
+                         "layer chosen on": chosen_on(*(results[name][pool][fam] for name in results))})
     return rows

@@ -108,16 +108,44 @@ def final_table(probe: dict[str, dict], pooling: str = "mean", reference: str = 
     return rows
 
 
+HELD_OUT = "held-out training clips"  # how best_index chose a layer, as best_layers and claims label it
+ON_VALIDATION = "validation (no held-out scores: optimistic)"
+
+
+def best_index(r: dict) -> int:
+    """The layer (index into r's per-layer lists) with the best top-1 on the held-out part of the training
+    split (`holdout_acc`, the linear and attentive probes'; ties: the earlier), so that the layer is not chosen
+    on the validation clips that then score it (the largest of equally good layers' validation scores is about
+    one standard error above their mean). Results without held-out scores (attentive probes before they had
+    them, or holdout=0): the layer best on validation (chosen_on says which)."""
+    held = r.get("holdout_acc")
+    scores = r["acc"] if held is None or None in held else held
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def best_acc(r: dict, metric: str = "acc") -> float:
+    """`metric` (validation top-1, or R@k: retrieval has no held-out score of its own) at best_index's layer."""
+    return r[metric][best_index(r)]
+
+
+def chosen_on(*results: dict) -> str:
+    """How best_index chose the layers of these results: HELD_OUT, or ON_VALIDATION where any multi-layer one
+    lacks held-out scores."""
+    lacking = any(len(r["acc"]) > 1 and (r.get("holdout_acc") is None or None in r["holdout_acc"]) for r in results)
+    return ON_VALIDATION if lacking else HELD_OUT
+
+
 def best_gain(probe_results: dict) -> dict:
-    """The best layer's margin of a run over its random-init control: the largest over families and
-    poolings, with where it is."""
+    """The best layer's margin of a run over its random-init control (each layer chosen by best_index, scored
+    on validation): the largest over families and poolings, with where it is."""
     best = None
     for pool, fams in probe_results["trained"].items():
         for fam, r in fams.items():
-            gain = max(r["acc"]) - max(probe_results["random_init"][pool][fam]["acc"])
+            control = probe_results["random_init"][pool][fam]
+            gain = best_acc(r) - best_acc(control)
             if best is None or gain > best["gain"]:
-                best = {"gain": gain, "family": fam, "pooling": pool, "trained": max(r["acc"]),
-                        "random_init": max(probe_results["random_init"][pool][fam]["acc"])}
+                best = {"gain": gain, "family": fam, "pooling": pool, "trained": best_acc(r),
+                        "random_init": best_acc(control), "layer chosen on": chosen_on(r, control)}
     return best
 
 
@@ -125,15 +153,19 @@ def best_layers(probe: dict[str, dict], reference: str = "e2e") -> list[dict]:
     """Per family and pooling (the attentive probe too), every run's best-layer top-1 beside both controls
     (the reference's architecture) and `margin`: the weakest run's lead over the stronger control (negative:
     some run is below a control), so that a claim such as "motion clears the controls" reads off one row
-    with its size."""
+    with its size. Each best layer is chosen on held-out training clips (best_index) and scored on validation;
+    `layer chosen on` says so, or that some entry had no held-out scores."""
     ref = probe.get(reference) or next(iter(probe.values()))
     rows = []
     for pool, fams in ref["trained"].items():
         for fam in fams:
-            runs = {name: max(res["trained"][pool][fam]["acc"]) for name, res in probe.items()}
-            controls = {label: max(ref[key][pool][fam]["acc"]) for key, label in CONTROLS.items()}
+            entries = {name: res["trained"][pool][fam] for name, res in probe.items()}
+            entries.update({label: ref[key][pool][fam] for key, label in CONTROLS.items()})
+            runs = {name: best_acc(entries[name]) for name in probe}
+            controls = {label: best_acc(entries[label]) for label in CONTROLS.values()}
             rows.append({"family": fam, "pooling": pool, **runs, **controls,
-                         "margin": min(runs.values()) - max(controls.values())})
+                         "margin": min(runs.values()) - max(controls.values()),
+                         "layer chosen on": chosen_on(*entries.values())})
     return sorted(rows, key=lambda r: r["family"])
 
 
@@ -199,11 +231,13 @@ def sweep_rows(table: list[dict], preset: str, blocks: dict[str, int], seed: int
 
 
 def sweep_best_rows(best: list[dict], preset: str, blocks: dict[str, int], seed: int) -> list[dict]:
-    """The same from a point's best_layers (notebook 02): per family and pooling the best layer's top-1 of
-    every run and control (where the CPU study's learning shows: temporal slices, not the last layer's
-    mean), with the leads of sweep_rows."""
+    """The same from a point's best_layers (notebook 02): per family and pooling the best layer's top-1 (the
+    layer chosen on held-out training clips, scored on validation) of every run and control (where the CPU
+    study's learning shows: temporal slices, not the last layer's mean), with the leads of sweep_rows."""
     return [_leads({"preset": preset, "seed": seed, "model": model, "blocks": blocks.get(model, ""),
-                    "family": r["family"], "pooling": r["pooling"], "best layer": r[model]}, r[model], blocks, r)
+                    "family": r["family"], "pooling": r["pooling"], "best layer": r[model],
+                    **({"layer chosen on": r["layer chosen on"]} if "layer chosen on" in r else {})},
+                   r[model], blocks, r)
             for r in best for model in [*blocks, *CONTROLS.values()]]
 
 

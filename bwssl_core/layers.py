@@ -44,8 +44,11 @@ def sincos_3d(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
     """Separable 3-D sin-cos table (L, dim) over a (T', H', W') grid, L in (t, h, w) raster order.
 
     Channels are split into time (a third, rounded to even) and two equal-as-possible even halves of
-    the rest for height and width.
+    the rest for height and width. dim: even and at least 6 (below 6 time would get no channel).
     """
+    if dim < 6 or dim % 2:
+        raise ValueError(f"dim={dim}: expected even and at least 6 for 3-D sin-cos (2 channels or more for each "
+                         "of t, h, w)")
     d_t = 2 * (dim // 6)
     d_h = 2 * ((dim - d_t) // 4)
     d_w = dim - d_t - d_h

@@ -182,8 +182,9 @@ class VideoMAE(nn.Module):
         return (out, [attns[i] for i in indices]) if return_attn else out
 
     def block_parameters(self) -> list[list[nn.Parameter]]:
-        """Parameters of each block with its own decoder; a shared decoder comes last, on its own."""
+        """Parameters of each block with its own decoder; a shared decoder comes last, on its own (of two
+        blocks or more: one block and its only decoder are one group, as E2E)."""
         groups = [list(s.parameters()) for s in self.stages]
-        if self.cfg.dec_shared:
+        if self.cfg.dec_shared and len(groups) > 1:
             return groups + [list(self.decoders[0].parameters())]
         return [g + list(d.parameters()) for g, d in zip(groups, self.decoders)]

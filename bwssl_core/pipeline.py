@@ -41,6 +41,7 @@ from torch import nn
 from .batches import RNG_STREAMS, normalize_video
 from .config import ConfigError, ModelConfig, TrainConfig, to_dict
 from .io import RunError, save_checkpoint, save_json, save_text
+from .listfile import DataError
 from .masking import Mask
 from .model import VideoMAE
 from .train import (claim_folder, compile_module, compiled, lr_at, param_groups, peak_memory_gib, resolve_device,
@@ -220,12 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         rank, out = dist.get_rank(), Path(args.out)
         config = {"model": to_dict(mcfg), "train": to_dict(tcfg), "world_size": K, "pipeline": True,
                   "rng_streams": RNG_STREAMS, "data": {"path": args.data, **to_dict(dcfg)}, "preset": args.preset}
-        if rank == 0:
-            claim_folder(out, args.overwrite)
-            save_json(out / "config.json", config)
+        if rank == 0 and not args.overwrite:
+            claim_folder(out, resumable=False)  # refuses a folder that holds a run, before any work
         worker = BlockWorker(mcfg, tcfg, rank, device)
         source = make_source(argparse.Namespace(data=args.data, preset=args.preset, out=args.out, workers=args.workers),
-                             mcfg, tcfg, dcfg, str(device))
+                             mcfg, tcfg, dcfg, str(device))  # checks the data: a mistake there deletes nothing
+        if rank == 0:
+            if args.overwrite:  # keep the list of bad videos the data has just written there
+                claim_folder(out, True, also=() if dcfg.skip_bad else ("bad_videos.txt",), resumable=False)
+            save_json(out / "config.json", config)
         losses, timing = run_rank(worker, source(0, 0, 1), tcfg.steps)  # every rank: the whole global batch
         gathered = [None] * K if rank == 0 else None
         part = {"state": {n: v.cpu() for n, v in worker.model.state_dict().items()}, "losses": losses, **timing}
@@ -233,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             state = {n: v for p in gathered for n, v in p["state"].items()}
             all_losses = torch.stack([p["losses"] for p in gathered], dim=1)  # (steps, K)
+            if not all_losses.isfinite().all():  # as Trainer: a diverged run is not saved
+                step, k = (~all_losses.isfinite()).nonzero()[0].tolist()  # the first bad step, its first block
+                raise FloatingPointError(f"block {k}'s loss is {all_losses[step, k].item()} at step {step + 1}: "
+                                         "training diverged; no checkpoint was written")
             seconds = max(p["seconds"] for p in gathered)
             rows = _window_rows(all_losses, tcfg)
             last = gathered[-1]  # its first step ends when the pipe is full
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"out": str(out), **rows[-1]}))
         dist.barrier()
         dist.destroy_process_group()
-    except (ConfigError, RunError) as err:
+    except (ConfigError, DataError, RunError, FloatingPointError) as err:
         print(f"bwssl pipeline: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -104,6 +104,14 @@ def pixel_features(clips, tubelet_size: int, patch_size: int, grid, poolings=POO
     return {kind: torch.cat(parts, 1) for kind, parts in out.items()}
 
 
+def finite_features(x: torch.Tensor, what: str) -> None:
+    """A ConfigError naming `what` and how many of its rows hold NaN or inf (a diverged run, a bf16 overflow):
+    the probe's eigendecomposition fails on them with a solver's message, retrieval ranks them anywhere."""
+    bad = int((~torch.isfinite(x)).flatten(1).any(1).sum()) if len(x) else 0
+    if bad:
+        raise ConfigError(f"{what}: NaN or inf in {bad} of {len(x)} rows")
+
+
 def _eigh_kept(m: torch.Tensor, rel_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues lam (r,) and eigenvectors (k, r) of a symmetric float64 matrix m (k, k), those with
     lam <= rel_eps * max(lam) dropped."""
@@ -197,7 +205,13 @@ class ProbeSpace:
         if train_x.ndim != 2 or val_x.shape[1:] != train_x.shape[1:]:
             raise ConfigError(f"features: expected (N, F) for both splits with the same F, got train "
                               f"{tuple(train_x.shape)} and validation {tuple(val_x.shape)}")
-        mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+        finite_features(train_x, "training features")
+        finite_features(val_x, "validation features")
+        mean, std = train_x.mean(0), train_x.std(0)
+        # as scikit-learn's StandardScaler: a feature constant over the training clips (a letterbox border, a
+        # dead unit) keeps scale 1; its std is rounding noise (~1e-7 of its value), by which its validation
+        # values would be multiplied by ~1e6
+        std = torch.where(std > 1e-5 * mean.abs().clamp_min(1e-2), std + 1e-6, torch.ones_like(std))
         tx, vx = (train_x - mean) / std, (val_x - mean) / std
         n, d = tx.shape
         xd = tx.double()
@@ -265,7 +279,9 @@ def probe_spaces(spaces: list[ProbeSpace], labels: dict[str, tuple[torch.Tensor,
         if n != len(train_y) or m != len(val_y):
             raise ConfigError(f"features and labels{'' if fam == 'y' else f' of {fam}'} differ in length: "
                               f"train {n} vs {len(train_y)}, validation {m} vs {len(val_y)}")
-        counts[fam] = int(max(train_y.max(), val_y.max())) + 1
+        classes, dense = torch.unique(torch.cat([train_y, val_y]), return_inverse=True)  # ids as 0..C-1
+        labels[fam] = train_y, val_y = dense[:len(train_y)], dense[len(train_y):]
+        counts[fam] = len(classes)
         need = math.ceil(2 * counts[fam] / (1 - holdout) - 1e-9)  # the rounding of 2 * 8 / 0.8 aside
         if len(train_y) < need:
             raise ConfigError(f"{len(train_y)} training samples are fewer than the probe needs for {counts[fam]} "
@@ -301,10 +317,12 @@ def probe_spaces(spaces: list[ProbeSpace], labels: dict[str, tuple[torch.Tensor,
                  "iterations": iters[g][j]} for j, f in enumerate(fams)} for g in range(len(spaces))]
 
 
-# what shapes probe_spaces' results: its defaults, and the solver (per-problem L-BFGS since session 11); part
-# of the key under which probe results are cached (evaluate.depthwise), so results of another protocol are never reused
-PROTOCOL = {"solver": "lbfgs_each", **{k: p.default for k, p in inspect.signature(probe_spaces).parameters.items()
-                                       if k in ("l2_grid", "holdout", "max_iter")}}
+# what shapes probe_spaces' results: its defaults, the solver (per-problem L-BFGS since session 11) and the
+# standardisation (features constant on the training clips unscaled, no longer divided by 1e-6); part of the key
+# under which probe results are cached (evaluate.depthwise), so results of another protocol are never reused
+PROTOCOL = {"solver": "lbfgs_each", "standardise": "constant features unscaled",
+            **{k: p.default for k, p in inspect.signature(probe_spaces).parameters.items()
+               if k in ("l2_grid", "holdout", "max_iter")}}
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
@@ -322,6 +340,8 @@ def nearest(train_x: torch.Tensor, val_x: torch.Tensor, k: int, chunk: int = 102
     if train_x.shape[1:] != val_x.shape[1:]:
         raise ConfigError(f"features of different widths: gallery (train) {tuple(train_x.shape)}, queries "
                           f"(validation) {tuple(val_x.shape)}")
+    finite_features(train_x, "gallery (training) features")
+    finite_features(val_x, "query (validation) features")
     gallery = F.normalize(train_x.float(), dim=1)
     return torch.cat([(q @ gallery.T).topk(k, dim=1).indices for q in F.normalize(val_x.float(), dim=1).split(chunk)])
 

@@ -64,6 +64,15 @@ def write_report(study: str | Path) -> Path:
     return write(study)[0]
 
 
+def chosen_note(rows: list[dict]) -> str:
+    """How a table's best layers were chosen: on held-out training clips and scored on validation (its `layer
+    chosen on` column says so row by row), or, results made before that column, on validation itself."""
+    if rows and "layer chosen on" not in rows[0]:
+        return "<p>Best layers chosen on validation, the clips that score them (results made before layers were " \
+            "chosen on held-out training clips): a best layer reads high.</p>"
+    return "<p>Each best layer is chosen on the held-out part of the training clips, then scored on validation.</p>"
+
+
 def write(study: str | Path) -> tuple[Path, dict | None]:
     """write_report, also returning the claims it shows (claims.summary; None where there are none)."""
     study = Path(study)
@@ -107,10 +116,10 @@ def write(study: str | Path) -> tuple[Path, dict | None]:
     parts.append("<h2>Final table</h2><p>Linear probe and retrieval (R@1) at the last layer, mean pooling "
                  "(the paper's standard), with the gap to E2E; controls: the same architecture at random "
                  "initialisation, and raw pixels.</p>" + figures.html_table(probe["table"]))
-    parts.append("<h3>Learning: best layer against random init</h3>" + figures.html_table(
-        [{"run": n, **g} for n, g in probe["best_gain"].items()]))
+    gains = [{"run": n, **g} for n, g in probe["best_gain"].items()]
+    parts.append("<h3>Learning: best layer against random init</h3>" + chosen_note(gains) + figures.html_table(gains))
     if probe.get("best_layers"):
-        parts.append("<h3>Best layer of every run against both controls</h3>"
+        parts.append("<h3>Best layer of every run against both controls</h3>" + chosen_note(probe["best_layers"])
                      + figures.html_table(probe["best_layers"]))
     for pooling in probe["poolings"]:
         fig(figures.probe_figure(probe["probe"], pooling))
@@ -151,7 +160,8 @@ def write(study: str | Path) -> tuple[Path, dict | None]:
         parts.append("<h2>Sweep</h2>" + figures.html_table(summary))
         fig(figures.sweep_figure(summary))
         if sweep.get("best_summary"):
-            parts.append("<h3>Best layer per family and pooling</h3>" + figures.html_table(sweep["best_summary"]))
+            parts.append("<h3>Best layer per family and pooling</h3>" + chosen_note(sweep["best_summary"])
+                         + figures.html_table(sweep["best_summary"]))
     save_text(study / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>BWSSL study</title>"
                                      f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     return study / "report.html", said

@@ -51,6 +51,31 @@ def results_path(study: str | Path, notebook: str) -> Path:
     return Path(study) / "results" / f"{notebook}.json"
 
 
+def check_results(study: str | Path, notebook: str, parameters: dict) -> Path:
+    """results_path, refused where it holds results of other parameters (save_results): a notebook checks this
+    before any work, so that a notebook run on a finished study stops at once, not after its training."""
+    path = results_path(study, notebook)
+    if path.exists():
+        was = json.loads(path.read_text()).get("parameters")
+        now = json.loads(json.dumps(parameters))  # as saved: tuples are lists
+        if was != now:
+            diff = [f"{k}: {was.get(k)!r} there, {now.get(k)!r} now" for k in sorted({*was, *now})
+                    if was.get(k) != now.get(k)] if isinstance(was, dict) else ["no parameters there"]
+            raise RunError(f"{path} holds results made with other parameters ({'; '.join(diff)}): it is not "
+                           f"replaced. Give a new `study` folder, naming the finished study's runs by path "
+                           f"(e.g. {run_dir(study, 'e2e')}), or delete {path} to run {notebook} again")
+    return path
+
+
+def save_results(study: str | Path, notebook: str, results: dict) -> Path:
+    """Write a notebook's results (their "parameters" the notebook's) to results_path. Results that the same
+    parameters made are replaced (a rerun, `bwssl study --resume`); those of other parameters are refused,
+    never overwritten: the study's report and claims read them."""
+    path = check_results(study, notebook, results["parameters"])
+    save_json(path, results)
+    return path
+
+
 # parameters `bwssl study` sets over the notebooks' defaults: a smoke size for tests, and a larger
 # study when a GPU is there (the defaults are the 2-core CPU study). The GPU study keeps its clips as
 # tensors (rendered on the GPU, no codec; 6,000 clips of 16 x 112 x 112 are 3.6 GB) and must fit one
@@ -249,7 +274,7 @@ def run_configs(p: dict, k: int):
     """Notebook 01's model and training configs of its run with k blocks, from its checked parameters `p`: one
     place, so that check_study refuses before a study starts what notebook 01 would refuse in it. The
     learning rates are per 256 clips inside TrainConfig: a bad lr or batch_size is named here as given."""
-    from .config import TrainConfig, model_config
+    from .config import PRESETS, TrainConfig, model_config, uniform_partition
 
     if p["batch_size"] < 1:
         raise ConfigError(f"batch_size={p['batch_size']}: expected a positive integer")
@@ -257,7 +282,10 @@ def run_configs(p: dict, k: int):
         raise ConfigError(f"lr={p['lr']!r}: expected a finite number > 0")
     if not (math.isfinite(p["min_lr"]) and p["min_lr"] >= 0):
         raise ConfigError(f"min_lr={p['min_lr']!r}: expected a finite number >= 0")
-    mcfg = model_config(p["preset"], blocks=k, mask_ratio=p["mask_ratio"], norm_target=not p["plain_target"],
+    depth = p["depth"] or PRESETS.get(p["preset"], {}).get("depth")  # an unknown preset: model_config names it
+    split = {"partition": uniform_partition(depth, k, hint="a study splits the depth into equal blocks: give block "
+                                            "counts that divide it, or another depth")} if depth else {"blocks": k}
+    mcfg = model_config(p["preset"], **split, mask_ratio=p["mask_ratio"], norm_target=not p["plain_target"],
                         dec_keep=p["dec_keep"], **({"dec_depth": p["dec_depth"]} if p["dec_depth"] else {}),
                         **({"depth": p["depth"]} if p["depth"] else {}))
     tcfg = TrainConfig(steps=p["steps"], batch_size=p["batch_size"], base_lr=p["lr"] * 256 / p["batch_size"],

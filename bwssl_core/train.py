@@ -42,6 +42,9 @@ def claim_folder(out: Path, overwrite: bool = False, also=("bad_videos.txt",), r
     out = Path(out)
     existing = [f for f in RUN_FILES if (out / f).exists()]
     if existing and not overwrite:
+        if resumable and "checkpoint.pt" not in existing:  # stopped before its first checkpoint
+            raise RunError(f"{out} holds a run that stopped before its first checkpoint ({', '.join(existing)}): "
+                           "there is nothing to resume; pass --overwrite to start it again, or choose another --out")
         resume = "pass --resume to continue it, " if resumable else ""
         raise RunError(f"{out} already holds a run ({', '.join(existing)}): {resume}pass --overwrite to replace "
                        f"it, or choose another --out")
@@ -128,7 +131,15 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak on a GPU, so that a process training several runs in turn (notebook 01) logs each
+    run's own. The CPU's figure, the process's peak RSS, cannot be reset: it covers every earlier run too."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_gib(device: torch.device) -> float:
+    """The peak since reset_peak_memory on a GPU; on the CPU the process's peak RSS (since it started)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process peak RSS)
@@ -146,6 +157,7 @@ class Trainer:
                  resume: bool = False, overwrite: bool = False, device: str | None = None, extra: dict | None = None):
         self.mcfg, self.tcfg, self.out = model_cfg.validate(), train_cfg.validate(), Path(out)
         self._init_distributed(device)
+        reset_peak_memory(self.device)  # peak_mem_gib: this run's (on a GPU)
         self.local_batch = self.tcfg.batch_size // self.world
         shard(self.tcfg.batch_size, self.rank, self.world)  # fails early when the batch does not divide
         self.config = {"model": to_dict(self.mcfg), "train": to_dict(self.tcfg), "world_size": self.world,
@@ -381,9 +393,12 @@ class Trainer:
             "config": self.config, "rng": rng, "window": window})
         self.saved_step = self.step
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Leave the process group. failed: this rank stopped on an error, while the others may still wait for it
+        in an all-reduce: no barrier, which they would never reach (every rank would hang, the error unseen)."""
         if self.owns_group and dist.is_initialized():
-            dist.barrier()  # no rank tears gloo down while another still talks to it
+            if not failed:
+                dist.barrier()  # no rank tears gloo down while another still talks to it
             dist.destroy_process_group()
 
 
@@ -391,9 +406,12 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data, out: str | Pa
     """Train and return the last metrics row; see Trainer for the arguments."""
     trainer = Trainer(model_cfg, train_cfg, out, **kwargs)
     try:
-        return trainer.fit(data)
-    finally:
-        trainer.close()
+        last = trainer.fit(data)
+    except BaseException:
+        trainer.close(failed=True)
+        raise
+    trainer.close()
+    return last
 
 
 def _row_step(line: str) -> float:

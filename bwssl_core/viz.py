@@ -13,8 +13,8 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from .attention import MOVING_SHARE, attention_entropy, attention_maps, attention_to, layer_summary, \
-    mean_attention_distance, moving_count, moving_tubes, token_positions
+from .attention import MOVING_SHARE, attention_entropy, attention_maps, attention_rollout, attention_to, \
+    layer_summary, mean_attention_distance, moving_count, moving_tubes, token_positions
 from .batches import normalize_video
 from .config import ConfigError, ModelConfig
 from .figures import COLOURS, CONTROLS, line_style
@@ -157,6 +157,13 @@ def _square(fig: go.Figure, row_titles: list[str]) -> None:
             fig.layout[name].update(showticklabels=False, constrain="domain", showgrid=False, zeroline=False)
 
 
+def _vertical_spacing(rows: int, gap: float) -> float:
+    """make_subplots' vertical_spacing for image rows: `gap` (a share of the figure's height), less where the
+    gaps would take over a fifth of it (plotly refuses more than 1 / (rows - 1), and at that its rows have no
+    height: 25 blocks in reconstruction_figure)."""
+    return min(gap, 0.2 / max(1, rows - 1))
+
+
 def _by_layer(fig, summaries, partitions, key, row=1, col=1, legend=True):
     """One line per run (mean over heads), heads as faint dots, BWSSL block boundaries dashed; layers
     numbered from 1 (the first encoder layer), as the probe figures number them. A control (the
@@ -245,7 +252,8 @@ def influence_figure(influence: list[torch.Tensor], clip: torch.Tensor, cfg: Mod
     the first frame of that slice."""
     T_, t = cfg.grid[0], cfg.tubelet_size
     frames = _rgb(clip)
-    fig = make_subplots(rows=len(influence) + 1, cols=T_, horizontal_spacing=0.01, vertical_spacing=0.03,
+    fig = make_subplots(rows=len(influence) + 1, cols=T_, horizontal_spacing=0.01,
+                        vertical_spacing=_vertical_spacing(len(influence) + 1, 0.03),
                         column_titles=[f"frames {s * t}-{s * t + t - 1}" for s in range(T_)])
     for s in range(T_):
         fig.add_image(z=frames[s * t], row=1, col=s + 1)
@@ -256,6 +264,61 @@ def influence_figure(influence: list[torch.Tensor], clip: torch.Tensor, cfg: Mod
                             f"<sup>share of the block's total, {method}</sup>",
                       coloraxis=dict(colorscale="Viridis", colorbar_title="share"),
                       height=140 * (len(influence) + 1) + 140, width=max(520, 130 * T_ + 220))
+    return fig
+
+
+def block_ends(partitions: dict[str, tuple]) -> list[int]:
+    """The depths (layers from the input) at which a block of any run ends, in order: the layers that
+    attention_figure shows, the same for every run so that runs compare row by row."""
+    return sorted({int(e) for p in partitions.values() for e in np.cumsum(p)})
+
+
+def attention_figure(attn: list[torch.Tensor], clip: torch.Tensor, cfg: ModelConfig, run: str,
+                     ends: list[int] | None = None, query: int | None = None) -> go.Figure:
+    """AttentionPanel's maps as a static figure (a saved notebook keeps no widget): one query's attention, mean
+    over heads, over each tube slice (columns, under the slice's first frame) at the encoder layers `ends`
+    (counted from the input; block_ends gives where the blocks of the runs end; by default every layer), then the
+    attention rollout (attention_rollout) from the input through each of them: two rows of T' maps per layer shown
+    (8 where the blocks of a 12-layer study end at 3, 6, 9 and 12), not a map per layer, head and frame.
+    attn: [(h, L, L)] per layer (run_diagnostics' "attn"); query: a token in (t, h, w) order, by default the centre
+    patch of the middle tube slice (cyan box). Each colour scale tops out at the largest weight to another token:
+    the query's own (at least half of the rollout through layer 1) may lie above."""
+    T_, H_, W_ = cfg.grid
+    t = cfg.tubelet_size
+    q = ((T_ // 2) * H_ + H_ // 2) * W_ + W_ // 2 if query is None else query
+    ends = [e for e in sorted(set(ends or range(1, len(attn) + 1))) if 1 <= e <= len(attn)]
+    rows, rollout, rolled, done = [], [], None, 0
+    for e in ends:  # the rollout through layer e, from the one through the layer shown before
+        step = attention_rollout([a[None] for a in attn[done:e]])[0]
+        rolled, done = step if rolled is None else step @ rolled, e
+        rows.append((f"layer {e}", attn[e - 1][:, q].float().mean(0), "coloraxis"))
+        rollout.append((f"rollout 1-{e}", rolled[q], "coloraxis2"))
+    rows += rollout
+    frames, qs, qh, qw = _rgb(clip), q // (H_ * W_), q // W_ % H_, q % W_
+    fig = make_subplots(rows=len(rows) + 1, cols=T_, horizontal_spacing=0.01,
+                        vertical_spacing=_vertical_spacing(len(rows) + 1, 0.02),
+                        column_titles=[f"frames {s * t}-{s * t + t - 1}" + (" (query)" if s == qs else "")
+                                       for s in range(T_)])
+    for s in range(T_):
+        fig.add_image(z=frames[s * t], row=1, col=s + 1)
+        for r, (_, a, axis) in enumerate(rows):
+            fig.add_heatmap(z=a.view(T_, H_, W_)[s].cpu().numpy(), coloraxis=axis, row=r + 2, col=s + 1)
+    for r in range(len(rows)):  # the query's tube, boxed as in the panel
+        fig.add_scatter(x=[qw - 0.5, qw + 0.5, qw + 0.5, qw - 0.5, qw - 0.5], y=[qh - 0.5] * 2 + [qh + 0.5] * 2
+                        + [qh - 0.5], mode="lines", line=dict(color="cyan", width=2), showlegend=False,
+                        hoverinfo="skip", row=r + 2, col=qs + 1)
+    _square(fig, ["clip"] + [name for name, _, _ in rows])
+    scales = {}
+    for axis, title, colours, first, last in (("coloraxis", "attention", "Inferno", 2, len(ends) + 1),
+                                              ("coloraxis2", "rollout", "Viridis", len(ends) + 2, len(rows) + 1)):
+        others = torch.stack([a for _, a, ax in rows if ax == axis]).clone()
+        others[:, q] = 0
+        top, bottom = fig.get_subplot(first, 1).yaxis.domain[1], fig.get_subplot(last, 1).yaxis.domain[0]
+        scales[axis] = dict(colorscale=colours, cmin=0, cmax=float(others.max()) or None, colorbar=dict(
+            title=title, y=(top + bottom) / 2, len=top - bottom, yanchor="middle"))
+    fig.update_layout(title=f"{run}: attention of the query at tube slice {qs}, row {qh}, column {qw}<br><sup>"
+                            "mean over heads at each layer shown; rollout: from the input through that layer</sup>",
+                      height=110 * (len(rows) + 1) + 140, width=max(520, 130 * T_ + 220), **scales)
     return fig
 
 
@@ -272,7 +335,8 @@ def reconstruction_figure(recs: list[dict], clip: torch.Tensor, mask: Mask, cfg:
     titles = ["clip", "visible"]
     for k in range(len(recs)):
         titles += [f"block {k} recon", f"block {k} error"]
-    fig = make_subplots(rows=len(titles), cols=T_, horizontal_spacing=0.01, vertical_spacing=0.02,
+    fig = make_subplots(rows=len(titles), cols=T_, horizontal_spacing=0.01,
+                        vertical_spacing=_vertical_spacing(len(titles), 0.02),
                         column_titles=[f"frame {s * t}" for s in range(T_)])
     for s in range(T_):
         fig.add_image(z=frames[s * t], row=1, col=s + 1)

@@ -32,9 +32,8 @@ from bwssl_core import model_config, notebook, viz
 from bwssl_core.batches import normalize_video
 from bwssl_core.evaluate import load_split
 from bwssl_core.figures import loss_figure
-from bwssl_core.io import save_json
 from bwssl_core.patches import reconstructions
-from bwssl_core.study import metrics, results_path, run_configs, run_dir, run_name, train_run
+from bwssl_core.study import check_results, metrics, run_configs, run_dir, run_name, save_results, train_run
 from bwssl_core.synth import SynthConfig, ensure_dataset
 from bwssl_core.train import load_run, resolve_device
 
@@ -64,6 +63,7 @@ recon_clips = 1  # validation clips whose per-block reconstructions are drawn
 
 # %%
 P = notebook.parameters(globals(), "01_pretrain")
+check_results(study, "01_pretrain", P)  # results of other parameters there: refused before any work
 pio.renderers.default = viz.static_renderer()
 dev = str(resolve_device(None if device == "auto" else device))
 print(P, "device", dev)
@@ -121,4 +121,4 @@ for name in summary:
                                   val_clips[i], mask, model.cfg, name).show()
 
 # %%
-save_json(results_path(study, "01_pretrain"), {"notebook": "01_pretrain", "parameters": P, "runs": summary})
+save_results(study, "01_pretrain", {"notebook": "01_pretrain", "parameters": P, "runs": summary})

@@ -42,8 +42,7 @@ from bwssl_core.config import ConfigError
 from bwssl_core.evaluate import clip_shape, depthwise, load_split, random_init
 from bwssl_core.figures import (attentive_curve_figure, attentive_rows, best_gain, best_layers, change_figure,
                                  cka_figure, final_table, html_table, probe_figure)
-from bwssl_core.io import save_json
-from bwssl_core.study import check_poolings, results_path, run_paths
+from bwssl_core.study import check_poolings, check_results, run_paths, save_results
 from bwssl_core.train import load_run, resolve_device
 from IPython.display import HTML, display
 
@@ -61,6 +60,7 @@ device = "auto"  # "auto": the local GPU if any, else the CPU
 
 # %%
 P = notebook.parameters(globals(), "02_probe")
+check_results(study, "02_probe", P)  # results of other parameters there: refused before any work
 check_poolings(poolings)
 pio.renderers.default = viz.static_renderer()
 dev = str(resolve_device(None if device == "auto" else device))
@@ -137,7 +137,9 @@ change_figure(analysis).show()
 # %% [markdown]
 # ## The final table
 # Linear probe and R@1 at the last layer, mean pooling, with the gap to the reference run; then each run's
-# best gain over random init, and every family and pooling's best layer against both controls.
+# best gain over random init, and every family and pooling's best layer against both controls (each layer
+# chosen on the held-out part of the training clips, then scored on validation: chosen on validation, the
+# best of several equally good layers reads about one standard error high).
 
 # %%
 table = final_table(probe, "mean", reference)
@@ -163,7 +165,7 @@ if said:
         display(HTML(f"<h4>{title}</h4>" + html_table(said[key])))
 
 # %%
-save_json(results_path(study, "02_probe"), {"notebook": "02_probe", "parameters": P, "poolings": poolings,
-                                            "val_clips": len(val[0]), "reference": reference, "blocks": blocks,
-                                            "probe": probe, "analysis": analysis, "table": table, "best_gain": gains,
-                                            "best_layers": layers, "seconds": seconds})
+save_results(study, "02_probe", {"notebook": "02_probe", "parameters": P, "poolings": poolings,
+                                 "val_clips": len(val[0]), "reference": reference, "blocks": blocks,
+                                 "probe": probe, "analysis": analysis, "table": table, "best_gain": gains,
+                                 "best_layers": layers, "seconds": seconds})

@@ -30,8 +30,7 @@ import torch
 from bwssl_core import figures, notebook, viz
 from bwssl_core.config import ConfigError
 from bwssl_core.evaluate import clip_shape, load_split, random_init
-from bwssl_core.io import save_json
-from bwssl_core.study import results_path, run_paths
+from bwssl_core.study import check_results, run_paths, save_results
 from bwssl_core.train import load_run, resolve_device
 
 # %% tags=["parameters"]
@@ -47,6 +46,7 @@ mask_seed = 0  # seed of the tube mask for the reconstructions
 
 # %%
 P = notebook.parameters(globals(), "03_patches")
+check_results(study, "03_patches", P)  # results of other parameters there: refused before any work
 pio.renderers.default = viz.static_renderer()
 dev = str(resolve_device(None if device == "auto" else device))
 torch.manual_seed(0)
@@ -83,6 +83,16 @@ if "panel" in globals():
     panel.close()  # a re-run of this cell: let the previous panel's maps go
 panel = viz.AttentionPanel({n: d["attn"] for n, d in diagnostics.items()}, partitions, x, cfg)
 panel.widget
+
+# %% [markdown]
+# The same maps, static (the saved notebook keeps no widget): the query patch's attention (cyan box; mean
+# over heads) at each layer where a block of any run ends, then the attention rollout (Abnar & Zuidema 2020)
+# from the input through that layer: where what reaches the query by then came from.
+
+# %%
+ends = viz.block_ends(partitions)  # the same layers for every run
+for name, d in diagnostics.items():
+    viz.attention_figure(d["attn"], x, cfg, name, ends).show()
 
 # %% [markdown]
 # ## Attention by layer
@@ -135,8 +145,8 @@ for name, d in diagnostics.items():
 # ## Results
 
 # %%
-out = results_path(study, "03_patches")
-save_json(out, {"notebook": "03_patches", "parameters": P, "attention_clips": len(many),
-                "uniform_attention": uniform, "controls": {"random_init": viz.layer_results(summaries[control])},
-                "runs": viz.results(diagnostics, partitions, influence_method)})
+out = save_results(study, "03_patches", {
+    "notebook": "03_patches", "parameters": P, "attention_clips": len(many), "uniform_attention": uniform,
+    "controls": {"random_init": viz.layer_results(summaries[control])},
+    "runs": viz.results(diagnostics, partitions, influence_method)})
 print("wrote", out)

@@ -34,9 +34,8 @@ import plotly.io as pio
 
 from bwssl_core import figures, notebook, viz
 from bwssl_core.figures import html_table
-from bwssl_core.io import save_json
-from bwssl_core.study import main_probe, point_folder, results_path, run_dir, run_name, run_notebook, sweep_points, \
-    sweep_seeds
+from bwssl_core.study import check_results, main_probe, point_folder, results_path, run_dir, run_name, run_notebook, \
+    save_results, sweep_points, sweep_seeds
 from IPython.display import HTML, display
 
 # %% tags=["parameters"]
@@ -50,6 +49,7 @@ device = "auto"
 
 # %%
 P = notebook.parameters(globals(), "04_sweep")
+check_results(study, "04_sweep", P)  # results of other parameters there: refused before any work
 pio.renderers.default = viz.static_renderer()
 main = json.loads(results_path(study, "01_pretrain").read_text())["parameters"]
 by_preset = sweep_points(points)
@@ -71,6 +71,8 @@ for seed in all_seeds:
             continue
         reuse = [n for n in names if main_seed and preset == main["preset"] and run_dir(study, n).exists()]
         folder = point_folder(study, preset, reuse, None if main_seed else seed)
+        for made in ("01_pretrain", "02_probe"):  # this sweep's own: made again with its parameters (a -p on
+            results_path(folder, made).unlink(missing_ok=True)  # --resume); training and features are kept
         run_notebook("01_pretrain", folder / "01_pretrain.ipynb",
                      {**main, "study": str(folder), "preset": preset, "blocks": sorted(ks), "seed": seed,
                       "depth": main.get("depth", 0) if preset == main["preset"] else 0,  # another preset: its own
@@ -109,14 +111,15 @@ figures.sweep_figure(summary).show()
 #
 # The last layer with mean pooling can miss what a run learned (on the CPU study motion shows in the
 # temporal slices, at the best layer): every run's and control's best-layer top-1 for each family and
-# pooling, with the same leads, over the seeds. (The main study's poolings and its attentive probe
-# appear with its seed alone: `seeds` says how many seeds a row averages.)
+# pooling (the layer chosen on held-out training clips), with the same leads, over the seeds. (The main
+# study's poolings and its attentive probe appear with its seed alone: `seeds` says how many seeds a row
+# averages.)
 
 # %%
 best_summary = figures.seed_summary(best_rows)
 display(HTML(html_table(best_summary)))
 
 # %%
-save_json(results_path(study, "04_sweep"), {"notebook": "04_sweep", "parameters": P, "seeds": all_seeds,
-                                            "rows": rows, "summary": summary, "best_rows": best_rows,
-                                            "best_summary": best_summary})
+save_results(study, "04_sweep", {"notebook": "04_sweep", "parameters": P, "seeds": all_seeds,
+                                 "rows": rows, "summary": summary, "best_rows": best_rows,
+                                 "best_summary": best_summary})

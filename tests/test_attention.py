@@ -104,3 +104,23 @@ def test_moving_tubes_find_where_the_clip_changes_and_attention_to_them(tiny):
     onehot[:, 0, :, 16 + 3 * 4 + 2] = 1.0  # head 0 looks only at a moving tube, head 1 at the still square
     onehot[:, 1, :, 0] = 1.0
     assert attention_to(onehot, moving).tolist() == [1.0, 0.0]
+
+
+def test_moving_tubes_mark_every_tube_slice_alike_under_uniform_motion(tiny):
+    """A bright square shakes between tube columns 1 and 2 every frame, a dimmer one (0.75) in another row:
+    every frame changes alike, so the bright square's two tubes are the moving ones in every tube slice, the
+    first too (a frame 0 counted as unchanged halved its change at tubelet 2 and zeroed it at tubelet 1)."""
+    from bwssl_core.attention import moving_tubes
+
+    for tubelet in (1, 2):
+        cfg = tiny(tubelet_size=tubelet)  # grid (4 / tubelet, 4, 4)
+        video = torch.zeros(1, 3, 4, 32, 32)
+        for f in range(4):
+            x = 8 + 8 * (f % 2)
+            video[:, :, f, 0:8, x:x + 8] = 1.0  # tube row 0, column 1 or 2
+            video[:, :, f, 24:32, x:x + 8] = 0.75  # tube row 3
+        slices = cfg.grid[0]
+        moving = moving_tubes(video, cfg, share=2 * slices / cfg.num_tokens).view(cfg.grid)
+        assert moving.sum((1, 2)).tolist() == [2] * slices, tubelet
+        assert moving[:, 0, 1:3].all(), tubelet
+    assert moving_tubes(video[:, :, :1], tiny(num_frames=1, tubelet_size=1)).sum() == 2  # one frame: no change

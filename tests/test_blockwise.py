@@ -121,10 +121,11 @@ def test_shared_decoder_is_one_module(tiny, clips):
 
 
 def test_block_parameters_cover_the_model_once(tiny):
-    for kw in (dict(partition=(1, 3)), dict(partition=(1, 3), dec_shared=True)):
+    for kw, n in ((dict(partition=(1, 3)), 2), (dict(partition=(1, 3), dec_shared=True), 3),
+                  (dict(partition=(4,), dec_shared=True), 1)):  # one block: its only decoder with it, as E2E
         model = VideoMAE(tiny(**kw))
         groups = model.block_parameters()
         flat = [id(p) for g in groups for p in g]
         assert sorted(flat) == sorted(id(p) for p in model.parameters())
-        assert len(groups) == 2 + kw.get("dec_shared", False)
+        assert len(groups) == n, kw
 

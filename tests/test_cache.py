@@ -60,7 +60,8 @@ def test_index_and_frames_file(vids, tmp_path):
 
 def test_cache_refuses_to_overwrite(vids, tmp_path):
     build_cache(vids / "same.txt", tmp_path / "cache")
-    with pytest.raises(DataError, match=r"cache: already holds a clip cache.*overwrite=True"):
+    with pytest.raises(DataError, match=r"cache: already holds a clip cache; pass --overwrite to replace it, or "
+                                        r"choose another --out"):
         build_cache(vids / "same.txt", tmp_path / "cache")
     build_cache(vids / "mixed.txt", tmp_path / "cache", decode_size=32, overwrite=True)
     assert json.loads((tmp_path / "cache" / "index.json").read_text())["total_frames"] == 74

@@ -37,6 +37,36 @@ def test_close_rows_compare_each_best_layer_with_e2e():
     assert rows["shape"]["BWSSL is"] == "behind"
 
 
+def _held_out_probe() -> dict:
+    """Two runs whose validation maxima (layer 2) are not the layers best on held-out training clips."""
+    probe = _probe({"e2e": {("mean", "motion"): [0.6, 0.8, 0.7]}, "k2": {("mean", "motion"): [0.5, 0.9, 0.65]}},
+                   {("mean", "motion"): [0.4, 0.45, 0.3]})
+    for res, held in zip(probe.values(), ([0.75, 0.7, 0.75], [0.6, 0.5, 0.7])):
+        res["trained"]["mean"]["motion"]["holdout_acc"] = held
+    probe["e2e"]["random_init"]["mean"]["motion"]["holdout_acc"] = [0.5, 0.4, 0.5]
+    return probe
+
+
+def test_claim_1_takes_each_layer_chosen_on_held_out_training_clips():
+    """Each best layer is the one best on held-out training clips (ties: the earlier), scored on validation, not
+    validation's maximum; so is the level of claim 2."""
+    probe = _held_out_probe()
+    row = claims.close_rows(probe, "e2e", 500)[0]
+    assert (row["E2E"], row["BWSSL"]) == (0.6, 0.65) and row["difference"] == pytest.approx(0.05)
+    assert row["layer chosen on"] == "held-out training clips"
+    earlier = claims.earlier_rows(probe, "e2e", 500)[0]  # level 0.4 + 0.5 * (0.65 - 0.4), not from 0.9 and 0.45
+    assert earlier["level"] == pytest.approx(0.525)
+
+
+def test_claim_1_sets_both_controls_beside_each_row():
+    """The random-init encoder's and raw pixels' best layers (the same rule) stand beside each row of claim 1."""
+    probe = _held_out_probe()
+    probe["e2e"]["pixels"] = {"mean": {"motion": {"acc": [0.35], "holdout_acc": [0.3]}}}
+    row = claims.close_rows(probe, "e2e", 500)[0]
+    assert (row["random init"], row["raw pixels"]) == (0.4, 0.35)  # random init: layer 1, not validation's 0.45
+    assert "raw pixels" not in claims.close_rows(_held_out_probe(), "e2e", 500)[0]  # results without the control
+
+
 def test_onset_is_the_first_layer_reaching_a_level_shared_by_the_runs():
     assert claims.onset([0.1, 0.5, 0.4, 0.9], 0.45) == 2 and claims.onset([0.1, 0.2], 0.5) is None
     probe = _probe({"e2e": {("slices", "motion"): [0.3, 0.4, 0.7, 0.9], ("slices", "colour"): [0.9, 0.9, 0.9, 0.9],

@@ -55,6 +55,32 @@ def test_pretrain_from_a_clip_file(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_clip_file_batches_are_cropped_on_the_training_device(tmp_path):
+    """A GPU run moves the clips of a .pt file to its GPU before gpu_augment crops them, as a cache's (they
+    stayed on the CPU); nothing moves before a batch is drawn, so a GPU's name can be checked here."""
+    import argparse
+
+    from bwssl_core.cli import make_source
+    from bwssl_core.config import DataConfig, TrainConfig
+
+    torch.save(torch.zeros(6, 4, 32, 32, 3, dtype=torch.uint8), tmp_path / "clips.pt")
+    args = argparse.Namespace(data=str(tmp_path / "clips.pt"), preset="tiny", out=str(tmp_path / "run"), workers=0)
+    for device in ("cpu", "cuda:1"):
+        assert make_source(args, model_config("tiny"), TrainConfig(batch_size=4), DataConfig(), device).device == device
+
+
+def test_repeats_that_cannot_split_over_the_processes_are_refused_first(tmp_path, synth_data, capsys, monkeypatch):
+    """--batch-size 6 --repeats 2 under 2 processes: 3 videos a step cannot be split. Refused naming what was
+    given, before any file is written (the message named a batch_size of 3, after config.json)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: the data is checked before the process group
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(synth_data), *TINY, "--batch-size", "6", "--repeats", "2",
+                 "--workers", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size=6 with repeats=2: 3 videos a step, expected a multiple of the 2 processes" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--preset", "vit_x"], "unknown preset 'vit_x'"),
     (["--partition", "1,1"], "partition='1,1': expected block sizes that sum to depth=4"),
@@ -62,6 +88,7 @@ def test_pretrain_from_a_clip_file(tmp_path, capsys):
     (["--img-size", "30"], "img_size=30: expected a multiple of patch_size=8"),
     (["--batch-size", "0"], "batch_size=0: expected a positive integer"),
     (["--device", "gpu0"], "device='gpu0': expected cpu, cuda or cuda:N"),
+    (["--workers", "-1"], "--workers=-1: expected an integer >= 0"),
 ])
 def test_bad_input_stops_before_training(tmp_path, capsys, extra, message):
     assert main(["pretrain", "--out", str(tmp_path / "run"), *TINY, *extra]) == 2
@@ -216,3 +243,69 @@ def test_bad_video_stops_the_run_or_is_listed_with_skip_bad(tmp_path, synth_data
         assert main([*args, "--out", str(tmp_path / "lenient"), "--skip-bad"]) == 0
     listed = (tmp_path / "lenient" / "bad_videos.txt").read_text().splitlines()
     assert len(listed) == 1 and "train.csv:4\t" in listed[0] and "000003.mp4" in listed[0]
+
+
+def test_probe_refuses_an_attentive_layer_the_run_does_not_have(tmp_path, capsys):
+    assert main(["pretrain", "--out", str(tmp_path / "run"), *TINY]) == 0
+    capsys.readouterr()
+    for layers in ("9", "-5", "0,4"):  # checked before the data is read: none is given here
+        assert main(["probe", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "none"), "--device", "cpu",
+                     f"--attentive-layers={layers}"]) == 2
+        assert f"--attentive-layers={layers}: " + str(tmp_path / "run") + " has 4 encoder layers: expected " \
+               "indices from -4 to 3" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "probe.json").exists()
+
+
+def test_cache_workers_say_what_they_are(capsys):
+    with pytest.raises(SystemExit):
+        main(["cache", "--help"])
+    assert "processes decoding videos" in " ".join(capsys.readouterr().out.split())
+
+
+def test_presets_list_every_model_field_the_flags_default_to(capsys):
+    import dataclasses
+
+    from bwssl_core.config import PRESETS, ModelConfig
+
+    assert main(["presets"]) == 0
+    listed = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines())
+    assert list(listed) == list(PRESETS)
+    cpu = json.loads(listed["cpu"])
+    assert set(cpu) == {f.name for f in dataclasses.fields(ModelConfig)}
+    assert cpu["mask_ratio"] == 0.9 and cpu["norm_target"] is True and cpu["dec_keep"] == 1.0
+    assert cpu["depth"] == 4 and cpu["partition"] == [4]
+
+
+def test_config_records_the_sampling_rate_used_and_old_runs_still_resume(tmp_path, synth_data, capsys):
+    from bwssl_core.io import save_checkpoint
+
+    run = ["pretrain", "--out", str(tmp_path / "run"), "--data", str(synth_data), *TINY, "--workers", "0"]
+    assert main(run) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["sampling_rate"] == 1  # synth: 1
+    from bwssl_core.cli import sampling_rate
+    from bwssl_core.config import DataConfig
+
+    (tmp_path / "list.csv").write_text("")
+    assert sampling_rate(str(tmp_path / "list.csv"), DataConfig()) == 4  # videos not from `bwssl synth`
+    assert sampling_rate(str(tmp_path / "list.csv"), DataConfig(sampling_rate=2)) == 2
+    assert sampling_rate(str(tmp_path / "clips.pt"), DataConfig()) == 1  # clip tensors: frame by frame
+    assert main([*run, "--resume"]) == 0
+    # a run recorded before the rate was resolved (0: automatic) resumes with the same flags, not with another rate
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    state["config"]["data"]["sampling_rate"] = 0
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", {k: v for k, v in state.items() if k != "version"})
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["data"]["sampling_rate"] = 0
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main([*run, "--resume"]) == 0 and main([*run, "--resume", "--sampling-rate", "1"]) == 0
+    assert main([*run, "--resume", "--sampling-rate", "4"]) == 2
+    assert "data.sampling_rate: run has 0, now 4" in capsys.readouterr().err
+
+
+def test_pretrain_help_explains_the_sampling_rate(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--sampling-rate INT frames between sampled frames (default: 1 for a `bwssl synth` folder or clip " \
+           "tensors, else 4" in text and "--sampling-rate INT (default 0)" not in text

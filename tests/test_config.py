@@ -32,6 +32,10 @@ def test_blocks_and_partition():
     (dict(dec_keep=1.5), ["dec_keep=1.5"]),
     (dict(embed_dim=770), ["embed_dim=770", "num_heads=12"]),
     (dict(pos_embed="2d"), ["pos_embed='2d'"]),
+    (dict(partition=(6.0, 6.0)), ["partition=(6.0, 6.0)", "integer layer counts"]),  # not a TypeError later
+    (dict(partition=(True, 11)), ["partition=(True, 11)", "integer layer counts"]),  # not a block of 1 layer
+    (dict(dec_dim=4, dec_heads=2), ["dec_dim=4", "at least 6 for 3-D sin-cos"]),  # time would get no channel
+    (dict(embed_dim=2, num_heads=1), ["embed_dim=2", "at least 6 for 3-D sin-cos"]),
 ])
 def test_bad_model_config_names_the_problem(kwargs, words):
     with pytest.raises(ConfigError) as err:
@@ -47,6 +51,15 @@ def test_unknown_preset_and_option():
         model_config("vit_b", widht=3)
     with pytest.raises(ConfigError, match="partition=.*3,x"):
         parse_partition("3,x")
+
+
+def test_3d_sincos_needs_six_channels():
+    from bwssl_core.layers import sincos_3d
+
+    with pytest.raises(ValueError, match="dim=4: expected even and at least 6"):
+        sincos_3d((2, 4, 4), 4)
+    assert sincos_3d((2, 4, 4), 6).unique(dim=0).shape == (32, 6)  # every (t, h, w) its own row
+    assert model_config("tiny", dec_dim=4, dec_heads=2, pos_embed="1d").dec_dim == 4  # VideoMAE's 1-D table
 
 
 def test_any_divisible_shape():

@@ -3,6 +3,8 @@ import pytest
 
 from bwssl_core.figures import attentive_curve_figure, attentive_rows, best_gain, best_layers
 
+HELD_OUT, ON_VALIDATION = "held-out training clips", "validation (no held-out scores: optimistic)"
+
 
 def _res(acc_by_pool_family):
     return {pool: {fam: {"acc": acc} for fam, acc in fams.items()} for pool, fams in acc_by_pool_family.items()}
@@ -18,12 +20,40 @@ def _probe():
 def test_best_layers_sets_every_run_beside_both_controls():
     rows = {r["family"]: r for r in best_layers(_probe(), "e2e")}
     assert rows["motion"].pop("margin") == pytest.approx(-0.01)  # K=2 is under the pixels
+    assert rows["motion"].pop("layer chosen on") == ON_VALIDATION  # results without held-out scores
     assert rows["motion"] == {"family": "motion", "pooling": "mean", "e2e": 0.8, "bwssl-k2": 0.69,
                               "random init": 0.6, "raw pixels": 0.7}
     assert rows["shape"]["margin"] == pytest.approx(0.38 - 0.4) and rows["shape"]["random init"] == 0.4  # best layer
     gain = best_gain(_probe()["bwssl-k2"])
     assert gain.pop("gain") == pytest.approx(0.09)
-    assert gain == {"family": "motion", "pooling": "mean", "trained": 0.69, "random_init": 0.6}
+    assert gain == {"family": "motion", "pooling": "mean", "trained": 0.69, "random_init": 0.6,
+                    "layer chosen on": ON_VALIDATION}
+
+
+def test_the_best_layer_is_chosen_on_held_out_training_clips_and_scored_on_validation():
+    """Where the validation maximum (layer 2) and the held-out one (layers 1 and 3 tie: the earlier) differ, the
+    best layer's score is validation's at the held-out choice: the maximum on validation reads high."""
+    from bwssl_core.evaluate import best_layer_table
+
+    r = {"acc": [0.6, 0.8, 0.7], "holdout_acc": [0.75, 0.7, 0.75], "R@1": [0.5, 0.9, 0.4]}
+    control = {"acc": [0.5, 0.55, 0.3], "holdout_acc": [0.4, 0.3, 0.5]}
+    one = {"trained": {"mean": {"motion": r}}, "random_init": {"mean": {"motion": control}},
+           "pixels": {"mean": {"motion": {"acc": [0.4], "holdout_acc": [0.45], "R@1": [0.2]}}}}
+    probe = {"e2e": one, "k2": {**one, "trained": {"mean": {"motion": {**r, "holdout_acc": [0.7, 0.8, 0.6]}}}}}
+    row = best_layers(probe, "e2e")[0]
+    assert row == {"family": "motion", "pooling": "mean", "e2e": 0.6, "k2": 0.8, "random init": 0.3,
+                   "raw pixels": 0.4, "margin": pytest.approx(0.2), "layer chosen on": HELD_OUT}
+    assert best_gain(one) == {"gain": pytest.approx(0.3), "family": "motion", "pooling": "mean", "trained": 0.6,
+                              "random_init": 0.3, "layer chosen on": HELD_OUT}
+    control["R@1"] = [0.1, 0.2, 0.3]
+    table = best_layer_table({"trained": {"mean": {"motion": r}}, "random_init": one["random_init"],
+                              "pixels": one["pixels"]}, "R@1")
+    assert table == [{"family": "motion", "pooling": "mean", "trained": 0.5, "random_init": 0.3, "pixels": 0.2,
+                      "layer chosen on": HELD_OUT}]  # retrieval: at the linear probe's layer
+    from bwssl_core.figures import best_acc, best_index
+
+    assert best_index(r) == 0 and best_acc(r) == 0.6 and best_acc(r, "R@1") == 0.5
+    assert best_acc({"acc": [0.6, 0.8, 0.7], "holdout_acc": [None] * 3}) == 0.8  # holdout=0: on validation
 
 
 def test_attentive_rows_show_the_kept_epoch_of_the_budget():
@@ -149,3 +179,18 @@ def test_best_layer_rows_keep_the_pooling_apart_over_seeds():
     assert k2["best layer"] == pytest.approx(0.85) and k2["vs random init"] == pytest.approx(0.45)
     assert k2["vs E2E"] == pytest.approx(0.04) and k2["vs E2E sd"] == pytest.approx(0.02 / 2 ** 0.5)
     assert summary["e2e", "mean"]["best layer sd"] == pytest.approx(0.02 / 2 ** 0.5)
+
+
+def test_tables_say_how_their_best_layers_were_chosen():
+    """The report says a table's best layers were chosen on held-out training clips only where its rows carry
+    that label (best_layers, the sweep's rows made from them); results saved before it: chosen on validation."""
+    from bwssl_core.figures import sweep_best_rows
+
+    row = {"family": "motion", "pooling": "mean", "e2e": 0.5, "random init": 0.4, "raw pixels": 0.3, "margin": 0.1}
+    old = sweep_best_rows([row], "cpu", {"e2e": 1}, 0)
+    new = sweep_best_rows([{**row, "layer chosen on": HELD_OUT}], "cpu", {"e2e": 1}, 0)
+    assert all(r["layer chosen on"] == HELD_OUT for r in new) and "layer chosen on" not in old[0]
+    from bwssl_core.report import chosen_note
+
+    assert "held-out part of the training clips" in chosen_note(new)
+    assert "chosen on validation" in chosen_note(old) and "chosen on validation" in chosen_note([row])

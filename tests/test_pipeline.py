@@ -1,9 +1,11 @@
 """Block-parallel training (one process per block) trains the same weights as the blockwise Trainer."""
 import json
+import re
 import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from bwssl_core import ConfigError, TrainConfig
 from bwssl_core.batches import MovingShapes
@@ -46,6 +48,45 @@ def test_refuses_shared_decoder_and_wrong_world(tiny, tmp_path, capsys):
         BlockWorker(tiny(partition=(2, 2), dec_shared=True), _tcfg(), 0)
     assert main([*ARGS, "--blocks", "2", "--out", str(tmp_path / "run")]) == 2  # WORLD_SIZE 1, 2 blocks
     assert "2 blocks need 2 processes" in capsys.readouterr().err
+
+
+def _one_rank(monkeypatch, *argv) -> int:
+    """main(argv) in this process as the one rank of a one-block torchrun; leaves no process group behind."""
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)
+    try:
+        return main([*ARGS, "--blocks", "1", *argv])
+    finally:
+        if dist.is_initialized():  # an error returns with the group still up
+            dist.destroy_process_group()
+
+
+def test_overwrite_checks_the_data_before_deleting_the_run(tmp_path, capsys, monkeypatch):
+    """As bwssl pretrain: a typo in --data keeps the run --overwrite would replace; the refusal does not offer
+    --resume, which the pipeline has not."""
+    out = str(tmp_path / "run")
+    assert _one_rank(monkeypatch, "--out", out) == 0
+    before = {f: (tmp_path / "run" / f).read_bytes() for f in ("config.json", "metrics.jsonl", "checkpoint.pt")}
+    capsys.readouterr()
+    assert _one_rank(monkeypatch, "--out", out, "--overwrite", "--data", str(tmp_path / "clipz.pt")) == 2
+    err = capsys.readouterr().err
+    assert "bwssl pipeline: error: " in err and "clipz.pt" in err
+    assert {f: (tmp_path / "run" / f).read_bytes() for f in before} == before
+    assert _one_rank(monkeypatch, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and "--resume" not in err
+
+
+def test_a_diverged_run_is_refused_before_saving(tmp_path, capsys, monkeypatch):
+    """As Trainer: a non-finite loss stops the run with an error naming the block and step (exit 2, no
+    traceback), and no checkpoint of NaN weights is written."""
+    out = tmp_path / "run"
+    assert _one_rank(monkeypatch, "--out", str(out), "--base-lr", "1e30", "--clip-grad", "0", "--steps", "6") == 2
+    err = capsys.readouterr().err
+    assert re.search(r"bwssl pipeline: error: block 0's loss is (nan|inf|-inf) at step [1-6]: ", err), err
+    assert "Traceback" not in err
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
 
 
 def test_estimate():

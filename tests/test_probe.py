@@ -432,3 +432,53 @@ def test_probe_results_for_other_ks_are_not_reused(tmp_path, tiny):
     kw = dict(poolings=("mean",), cache=tmp_path, precision="fp32")
     assert "R@5" not in depthwise(model, *data, ks=(1,), **kw)["trained"]["mean"]["a"]
     assert "R@5" in depthwise(model, *data, ks=(1, 5), **kw)["trained"]["mean"]["a"]
+
+
+def test_a_feature_constant_on_the_training_clips_is_not_scaled_up():
+    """A feature constant over the training clips (its std rounding noise, ~1e-7 at 0.7) keeps scale 1: divided by
+    std + 1e-6 its validation values were multiplied by ~1e6 and the top-1 fell from 0.75 to 0.47."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2500, 16, generator=g)
+    y = (x[:, :4] + 0.5 * torch.randn(2500, 4, generator=g)).argmax(1)
+    clean = linear_probe(x[:2000], y[:2000], x[2000:], y[2000:])["acc"]
+    for c in (0.0, 0.7):
+        xc = torch.cat([x, torch.full((2500, 1), c)], 1)
+        xc[2000:, -1] += 0.01 * torch.randn(500, generator=g)  # varies a little in validation
+        assert linear_probe(xc[:2000], y[:2000], xc[2000:], y[2000:])["acc"] == pytest.approx(clean, abs=0.01), c
+
+
+def test_class_ids_need_not_be_0_to_c_minus_1():
+    """Sparse class ids (y * 100 + 7: 4 classes) probe as 0..3 do, linearly and attentively, instead of counting
+    308 classes and refusing the training split as too small for them."""
+    from bwssl_core.attentive import attentive_probe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 24, generator=g)
+    y = (x[:, :4] + 0.7 * torch.randn(600, 4, generator=g)).argmax(1)
+    sparse = y * 100 + 7
+    want = linear_probe(x[:400], y[:400], x[400:], y[400:])
+    assert linear_probe(x[:400], sparse[:400], x[400:], sparse[400:])["acc"] == want["acc"] > 0.5
+    tokens, kw = x.view(600, 3, 8), dict(epochs=2, batch_size=100, precision="fp32")
+    assert attentive_probe(tokens[:400], sparse[:400], tokens[400:], sparse[400:], **kw)["acc"] == \
+        attentive_probe(tokens[:400], y[:400], tokens[400:], y[400:], **kw)["acc"]
+
+
+def test_non_finite_features_are_named():
+    """One NaN or inf in the features: a ConfigError saying where and how many rows, not a failed eigh from the
+    probe, nor a NaN clip that retrieval ranks first."""
+    from bwssl_core.probe import nearest
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 16, generator=g)
+    y = x[:, :4].argmax(1)
+    for bad in (float("nan"), float("inf")):
+        xb = x.clone()
+        xb[5, 3] = xb[7, 0] = bad
+        with pytest.raises(ConfigError, match="training features: NaN or inf in 2 of 200 rows"):
+            linear_probe(xb[:200], y[:200], xb[200:], y[200:])
+        with pytest.raises(ConfigError, match="validation features: NaN or inf in 2 of 100 rows"):
+            linear_probe(x[100:], y[100:], xb[:100], y[:100])
+        with pytest.raises(ConfigError, match=r"gallery \(training\) features: NaN or inf in 2 of 200 rows"):
+            nearest(xb[:200], x[200:], 1)
+        with pytest.raises(ConfigError, match=r"query \(validation\) features: NaN or inf in 2 of 100 rows"):
+            retrieval(x[100:], y[100:], xb[:100], y[:100], ks=(1,))

@@ -242,7 +242,8 @@ def test_a_partial_run_folder_is_refused_and_overwrite_clears_only_the_run(tmp_p
     (tmp_path / "bad_videos.txt").write_text("train.csv:3\tx.mp4\tempty\n")
     (tmp_path / ".checkpoint.pt.k2j4.tmp").write_bytes(b"half")
     (tmp_path / "notes.txt").write_text("the user's own file")
-    with pytest.raises(RunError, match=r"already holds a run \(metrics\.jsonl\): pass --resume .* --overwrite"):
+    with pytest.raises(RunError, match=r"stopped before its first checkpoint \(metrics\.jsonl\): there is nothing "
+                                       r"to resume; pass --overwrite"):
         claim_folder(tmp_path)
     assert len(list(tmp_path.iterdir())) == 4
     claim_folder(tmp_path, overwrite=True)

@@ -288,3 +288,26 @@ def test_a_notebook_run_again_in_its_kernel_passes_its_own_variables():
         parameters(kernel, "01_pretrain")
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) P, dev, steps, summary"):  # another notebook's
         parameters({**kernel, "steps": 5}, "02_probe")
+
+
+def test_notebook_results_of_other_parameters_are_never_replaced(tmp_path):
+    from bwssl_core.study import check_results, save_results
+
+    save_results(tmp_path, "02_probe", {"parameters": {"study": str(tmp_path), "runs": ["e2e", "bwssl-k2"]}, "x": 1})
+    save_results(tmp_path, "02_probe", {"parameters": {"study": str(tmp_path), "runs": ("e2e", "bwssl-k2")}, "x": 2})
+    assert json.loads(results_path(tmp_path, "02_probe").read_text())["x"] == 2  # the same parameters: a rerun
+    with pytest.raises(RunError, match=r"02_probe.json holds results made with other parameters \(runs: .*new "
+                                       r"`study` folder.*runs/e2e"):
+        save_results(tmp_path, "02_probe", {"parameters": {"study": str(tmp_path), "runs": ["e2e"]}, "x": 3})
+    assert json.loads(results_path(tmp_path, "02_probe").read_text())["x"] == 2
+    with pytest.raises(RunError, match="other parameters"):  # what a notebook checks before any work
+        check_results(tmp_path, "02_probe", {"study": str(tmp_path), "runs": ["e2e"]})
+    assert check_results(tmp_path, "03_patches", {"runs": ["e2e"]}) == results_path(tmp_path, "03_patches")
+
+
+def test_a_study_s_block_count_is_refused_without_a_flag_it_does_not_have():
+    for params in ({"blocks": [1, 3]}, {"points": ["tiny:3"]}, {"depth": 6, "blocks": [1, 4]}):
+        with pytest.raises(ConfigError, match="expected a divisor of depth=.*equal blocks: give block counts that "
+                                              "divide it, or another depth") as err:
+            check_study(params)
+        assert "--partition" not in str(err.value)

@@ -128,6 +128,33 @@ def test_memory_mode_trains_the_same_weights(tiny, tmp_path, shared):
     _assert_same(runs[False], runs[True], exact=False)
 
 
+def test_one_block_with_a_shared_decoder_trains_as_e2e(tiny, tmp_path):
+    """K=1: the only decoder is clipped with the encoder, as E2E's (clip_grad small: clipping is active)."""
+    runs = {}
+    for shared in (False, True):
+        cfg = tiny(partition=(4,), dec_shared=shared)
+        out = tmp_path / f"shared{shared}"
+        pretrain(cfg, _train_cfg(steps=4, clip_grad=0.02), MovingShapes(cfg, 4), out, device="cpu")
+        runs[shared] = _weights(out)
+    _assert_same(runs[False], runs[True])
+
+
+def test_each_run_starts_a_new_gpu_memory_peak(tiny, tmp_path, monkeypatch):
+    """peak_mem_gib of a run trained after another in one process (notebook 01) is its own on a GPU; the
+    CPU's figure, the process's peak RSS, cannot be reset."""
+    import bwssl_core.train as train
+    from bwssl_core.train import reset_peak_memory
+
+    resets = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", resets.append)
+    reset_peak_memory(torch.device("cpu"))
+    reset_peak_memory(torch.device("cuda", 1))
+    assert resets == [torch.device("cuda", 1)]
+    monkeypatch.setattr(train, "reset_peak_memory", resets.append)
+    trainer = Trainer(tiny(), _train_cfg(steps=1), tmp_path, device="cpu")
+    assert resets[1:] == [trainer.device]  # when a Trainer starts
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from bwssl_core import TrainConfig, model_config
@@ -311,3 +338,16 @@ def test_device_names_are_checked(monkeypatch):
     assert resolve_device("cuda") == torch.device("cuda", 1) == resolve_device(None)
     with pytest.raises(ConfigError, match="device='cuda:2': this machine has 2 GPU"):
         resolve_device("cuda:2")
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_not_offered_to_resume(tmp_path):
+    from bwssl_core.train import claim_folder
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(RunError, match=r"before its first checkpoint \(config.json\): there is nothing to resume; "
+                                       r"pass --overwrite to start it again") as err:
+        claim_folder(tmp_path)
+    assert "--resume" not in str(err.value)
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(RunError, match="already holds a run.*pass --resume to continue it"):
+        claim_folder(tmp_path)

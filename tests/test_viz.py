@@ -206,6 +206,53 @@ def test_patch_figures_and_results(diag):
         viz.run_diagnostics(plain, clip, mask, "saliency")
 
 
+def test_static_attention_figure_is_each_shown_layers_attention_and_the_rollout_through_it(diag):
+    """The saved notebook's attention maps: at each layer where a block of any run ends (here 2 and 4), the
+    query's head-mean attention over each tube slice, then attention_rollout from the input through that layer."""
+    from bwssl_core.attention import attention_rollout
+
+    d, partitions, clip, _, cfg = diag
+    ends = viz.block_ends(partitions)
+    assert ends == [2, 4]
+    T_ = cfg.grid[0]
+    for run, query in (("bwssl-k2", None), ("e2e", 5)):
+        attn = d[run]["attn"]
+        fig = viz.attention_figure(attn, clip, cfg, run, ends, query)
+        q = (1 * 4 + 2) * 4 + 2 if query is None else query  # by default the centre of the middle slice
+        expected = [attn[e - 1].mean(0)[q] for e in ends] + [attention_rollout([a[None] for a in attn[:e]])[0, q]
+                                                             for e in ends]
+        heat = [t for t in fig.data if t.type == "heatmap"]
+        assert len(heat) == 2 * len(ends) * T_ and [t.type for t in fig.data].count("image") == T_
+        for t in heat:  # subplot (row 2 + r, column s + 1): row r of the maps over slice s
+            i = int(t.xaxis[1:] or 1) - 1
+            r, s = i // T_ - 1, i % T_
+            np.testing.assert_allclose(np.array(t.z), expected[r].view(cfg.grid)[s].numpy(), rtol=1e-5, atol=1e-7)
+            assert t.coloraxis == ("coloraxis" if r < len(ends) else "coloraxis2")
+        others = torch.stack(expected[len(ends):])
+        others[:, q] = 0  # the rollout's scale tops out at the largest weight off the query itself
+        assert fig.layout.coloraxis2.cmax == pytest.approx(float(others.max()))
+        assert [fig.layout[f"yaxis{1 + r * T_ if r else ''}"].title.text for r in range(5)] == \
+            ["clip", "layer 2", "layer 4", "rollout 1-2", "rollout 1-4"]
+    assert "slice 0, row 1, column 1" in fig.layout.title.text  # token 5 = (0, 1, 1)
+    every = viz.attention_figure(d["e2e"]["attn"], clip, cfg, "e2e")  # by default every layer: 4 + 4 rows
+    assert len(every.data) == (1 + 2 * 4) * T_ + 2 * 4  # the clip, the maps, the query's box in each row
+
+
+def test_image_figures_of_many_blocks():
+    """Plotly refuses a vertical_spacing over 1 / (rows - 1) (25 blocks: 52 reconstruction rows), and at that its
+    rows have no height: every row of a deep model trained one layer a block still shows."""
+    cfg = model_config("tiny")
+    clip = torch.zeros(3, 4, 32, 32, dtype=torch.uint8)
+    mask = tube_mask(1, cfg.grid, cfg.mask_ratio, torch.Generator().manual_seed(0))
+    recs = [{"pixels": torch.rand(1, 3, 4, 32, 32), "error": torch.rand(1, *cfg.grid), "reinjected": True}] * 25
+    attn = [torch.full((1, cfg.num_tokens, cfg.num_tokens), 1 / cfg.num_tokens)] * 26  # 53 rows
+    for fig in (viz.reconstruction_figure(recs, clip, mask, cfg, "k25"),
+                viz.influence_figure([torch.rand(cfg.grid)] * 34, clip, cfg, "k34", "gradient"),
+                viz.attention_figure(attn, clip, cfg, "k26")):
+        heights = [fig.layout[n].domain[1] - fig.layout[n].domain[0] for n in fig.layout if n.startswith("yaxis")]
+        assert len(heights) >= 35 * 2 and min(heights) > 0.01
+
+
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     return make_study(tmp_path_factory.mktemp("study"))
@@ -228,7 +275,10 @@ def executed(tmp_path, monkeypatch, tiny_study):
 
 @pytest.mark.timeout(300)
 def test_notebook_runs_under_papermill(executed, tiny_study):
-    executed(device="cpu", attention_clips=3)
+    nb = executed(device="cpu", attention_clips=3)
+    titles = [o["data"]["application/vnd.plotly.v1+json"]["layout"]["title"]["text"] for c in nb.cells
+              for o in c.get("outputs", []) if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert sum("attention of the query" in t for t in titles) == 2  # the panel's maps, static: one figure a run
     out = json.loads(results_path(tiny_study[0], "03_patches").read_text())
     assert out["notebook"] == "03_patches" and out["parameters"]["device"] == "cpu"
     assert out["attention_clips"] == 3  # the figures by layer average three clips
