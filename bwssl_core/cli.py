@@ -204,6 +204,8 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
     from .prefetch import CacheBatches
 
     size, expected = mcfg.img_size, (mcfg.in_chans, mcfg.num_frames, mcfg.img_size, mcfg.img_size)
+    if tcfg.batch_size % world:  # the Trainer refuses it too, but only after --overwrite deleted the old run
+        raise ConfigError(f"batch_size={tcfg.batch_size}: expected a multiple of the {world} processes")
     if args.data == "synthetic":
         if dcfg != DataConfig():
             raise ConfigError("--data synthetic generates its clips: the data options (--sampling-rate, --repeats, "

@@ -81,6 +81,19 @@ def test_repeats_that_cannot_split_over_the_processes_are_refused_first(tmp_path
     assert not out.exists()
 
 
+def test_a_batch_that_cannot_split_over_the_processes_keeps_the_run_it_would_replace(tmp_path, capsys, monkeypatch):
+    """--overwrite with a batch of 3 under 2 processes: refused before the old run's files are deleted (the
+    Trainer refused it only after claim_folder had deleted them)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt"):
+        (out / name).write_text(name)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["pretrain", *TINY, "--batch-size", "3", "--overwrite", "--out", str(out)]) == 2
+    assert "batch_size=3: expected a multiple of the 2 processes" in capsys.readouterr().err
+    assert sorted(p.read_text() for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--preset", "vit_x"], "unknown preset 'vit_x'"),
     (["--partition", "1,1"], "partition='1,1': expected block sizes that sum to depth=4"),
