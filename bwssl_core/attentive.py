@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .probe import class_labels, feature_precision, holdout_split
+from .probe import class_labels, dense_classes, feature_precision, holdout_split
 
 
 class AttentivePool(nn.Module):
@@ -75,8 +75,7 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_token
     if holdout and len(train_tokens) < 2:
         raise ConfigError(f"{len(train_tokens)} training sample(s): holdout={holdout} needs at least two "
                           "(one to train, one held out)")
-    classes, dense = torch.unique(torch.cat([train_y, val_y]), return_inverse=True)  # ids as 0..C-1
-    train_y, val_y, num_classes = dense[:len(train_y)], dense[len(train_y):], len(classes)
+    train_y, val_y, num_classes = dense_classes(train_y, val_y)  # ids as 0..C-1
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     probe = AttentivePool(train_tokens.shape[1], train_tokens.shape[2], num_classes, heads).to(device)

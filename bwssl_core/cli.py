@@ -170,21 +170,12 @@ def cmd_synth(args) -> None:
     print(json.dumps({"out": str(out), "n_train": args.n_train, "n_val": args.n_val}))
 
 
-def auto_rate(path: Path) -> int:
-    """The sampling rate for --data when none is given: 1 for clip tensors (used frame by frame) and a `bwssl synth`
-    folder (its clips are exactly T frames) or a cache of one, else 4 (VideoMAE's)."""
-    if path.suffix == ".pt" or (path.is_dir() and (path / "train.pt").exists() and not (path / "train.csv").exists()):
-        return 1
-    folder = path if path.is_dir() else path.parent
-    if (path / "index.json").exists():  # a cache: look beside the list file it was built from
-        folder = Path(json.loads((path / "index.json").read_text()).get("list_file", path)).parent
-    return 1 if (folder / "synth.json").exists() else 4
-
-
 def sampling_rate(data: str, dcfg: DataConfig, out: Path | None = None) -> int:
     """The sampling rate that training on --data uses: --sampling-rate, else auto_rate. A run resumed in `out`
     whose config.json says 0 (recorded before the rate was resolved) keeps 0 where it resolves to the rate used
     now, so that its config still matches."""
+    from .evaluate import auto_rate
+
     auto = auto_rate(Path(data))
     rate = dcfg.sampling_rate or auto
     saved = out / "config.json" if out is not None else None
@@ -200,7 +191,7 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
     from .batches import ClipTensorFile, DatasetBatches, MovingShapes
     from .cache import CachedClips
     from .cache import gpu_augment
-    from .evaluate import tensor_rate_check
+    from .evaluate import auto_rate, tensor_rate_check
     from .prefetch import CacheBatches
 
     size, expected = mcfg.img_size, (mcfg.in_chans, mcfg.num_frames, mcfg.img_size, mcfg.img_size)
@@ -257,8 +248,23 @@ def make_source(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, de
     return DatasetBatches(dataset, tcfg.batch_size // dcfg.repeats, tcfg.seed, args.workers, device)  # transform: crops
 
 
+def source_for_run(args, mcfg: ModelConfig, tcfg: TrainConfig, dcfg: DataConfig, device: str, world: int = 1,
+                   claims: bool = True, resumable: bool = True):
+    """make_source for a run written to --out. Where this process claims the folder: one that holds a run is
+    refused before any work, and with --overwrite the old run is deleted only once the data has been checked (a
+    mistake there deletes nothing)."""
+    from .train import claim_folder
+
+    if claims and not args.overwrite:
+        claim_folder(Path(args.out), resumable=resumable)
+    source = make_source(args, mcfg, tcfg, dcfg, device, world)
+    if claims and args.overwrite:  # keep the list of bad videos the data has just written there
+        claim_folder(Path(args.out), True, also=() if dcfg.skip_bad else ("bad_videos.txt",))
+    return source
+
+
 def cmd_pretrain(args) -> None:
-    from .train import claim_folder, pretrain, resolve_device
+    from .train import pretrain, resolve_device
 
     overrides = _picked(args, _MODEL_FLAGS)
     if args.partition:
@@ -274,12 +280,7 @@ def cmd_pretrain(args) -> None:
         raise ConfigError(f"--workers={args.workers}: expected an integer >= 0")
     # under torchrun rank 0 alone claims the folder: a later rank would find (or delete) rank 0's new config.json
     claims = not args.resume and os.environ.get("RANK", "0") == "0"
-    if claims and not args.overwrite:
-        claim_folder(Path(args.out))  # refuses a folder that holds a run, before any work
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    source = make_source(args, mcfg, tcfg, dcfg, device, world)  # checks the data: a mistake there deletes nothing
-    if claims and args.overwrite:  # keep the list of bad videos the data has just written there
-        claim_folder(Path(args.out), True, also=() if dcfg.skip_bad else ("bad_videos.txt",))
+    source = source_for_run(args, mcfg, tcfg, dcfg, device, int(os.environ.get("WORLD_SIZE", "1")), claims)
     data = {"path": args.data, **({} if args.data == "synthetic" else dataclasses.asdict(dcfg))}  # what applied
     last = pretrain(mcfg, tcfg, source, args.out, resume=args.resume, overwrite=args.overwrite, device=device,
                     extra={"data": data, "preset": args.preset})

@@ -4,6 +4,7 @@ pixels (each tube's pixels as a token, pooled the same way)."""
 from __future__ import annotations
 
 import csv
+import json
 import warnings
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: in
     if (data / f"{split}.pt").exists() and not (data / f"{split}.csv").exists():
         tensor_rate_check(data / f"{split}.pt", sampling_rate)
         return _tensor_split(data / f"{split}.pt", cfg)
-    rate = sampling_rate or (1 if (data / "synth.json").exists() else 4)
+    rate = sampling_rate or auto_rate(data)
     clips = VideoClips(data / f"{split}.csv", num_frames=cfg.num_frames, sampling_rate=rate, mode="eval",
                        transform=eval_transform(cfg.img_size))
     video = torch.stack([clips[i][0][0] for i in range(len(clips))])  # (N, C, T, H, W)
@@ -50,6 +51,17 @@ def load_split(data: str | Path, split: str, cfg: ModelConfig, sampling_rate: in
         for fam in families:
             labels[fam] = torch.tensor([int(rows[e.path.resolve()][fam]) for e in entries])
     return video, labels
+
+
+def auto_rate(path: Path) -> int:
+    """The sampling rate for --data when none is given: 1 for clip tensors (used frame by frame) and a `bwssl synth`
+    folder (its clips are exactly T frames) or a cache of one, else 4 (VideoMAE's)."""
+    if path.suffix == ".pt" or (path.is_dir() and (path / "train.pt").exists() and not (path / "train.csv").exists()):
+        return 1
+    folder = path if path.is_dir() else path.parent
+    if (path / "index.json").exists():  # a cache: look beside the list file it was built from
+        folder = Path(json.loads((path / "index.json").read_text()).get("list_file", path)).parent
+    return 1 if (folder / "synth.json").exists() else 4
 
 
 def tensor_rate_check(path: Path, sampling_rate: int | None) -> None:

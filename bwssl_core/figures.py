@@ -112,14 +112,19 @@ HELD_OUT = "held-out training clips"  # how best_index chose a layer, as best_la
 ON_VALIDATION = "validation (no held-out scores: optimistic)"
 
 
+def _held_out(r: dict) -> list | None:
+    """r's per-layer held-out scores, or None where it has none (older results, an attentive probe at holdout=0)."""
+    held = r.get("holdout_acc")
+    return None if held is None or None in held else held
+
+
 def best_index(r: dict) -> int:
     """The layer (index into r's per-layer lists) with the best top-1 on the held-out part of the training
     split (`holdout_acc`, the linear and attentive probes'; ties: the earlier), so that the layer is not chosen
     on the validation clips that then score it (the largest of equally good layers' validation scores is about
     one standard error above their mean). Results without held-out scores (attentive probes before they had
     them, or holdout=0): the layer best on validation (chosen_on says which)."""
-    held = r.get("holdout_acc")
-    scores = r["acc"] if held is None or None in held else held
+    scores = _held_out(r) or r["acc"]
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
@@ -131,7 +136,7 @@ def best_acc(r: dict, metric: str = "acc") -> float:
 def chosen_on(*results: dict) -> str:
     """How best_index chose the layers of these results: HELD_OUT, or ON_VALIDATION where any multi-layer one
     lacks held-out scores."""
-    lacking = any(len(r["acc"]) > 1 and (r.get("holdout_acc") is None or None in r["holdout_acc"]) for r in results)
+    lacking = any(len(r["acc"]) > 1 and _held_out(r) is None for r in results)
     return ON_VALIDATION if lacking else HELD_OUT
 
 

@@ -44,7 +44,7 @@ from .io import RunError, save_checkpoint, save_json, save_text
 from .listfile import DataError
 from .masking import Mask
 from .model import VideoMAE
-from .train import (claim_folder, compile_module, compiled, lr_at, param_groups, peak_memory_gib, resolve_device,
+from .train import (compile_module, compiled, lr_at, param_groups, peak_memory_gib, resolve_device,
                     step_mask)
 
 
@@ -200,7 +200,7 @@ def _window_rows(losses: torch.Tensor, tcfg: TrainConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import _DATA_FLAGS, _MODEL_FLAGS, _TRAIN_FLAGS, _picked, make_source
+    from .cli import _DATA_FLAGS, _MODEL_FLAGS, _TRAIN_FLAGS, _picked, source_for_run
     from .config import DataConfig, model_config, parse_partition
 
     args = build_parser().parse_args(argv)
@@ -221,14 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         rank, out = dist.get_rank(), Path(args.out)
         config = {"model": to_dict(mcfg), "train": to_dict(tcfg), "world_size": K, "pipeline": True,
                   "rng_streams": RNG_STREAMS, "data": {"path": args.data, **to_dict(dcfg)}, "preset": args.preset}
-        if rank == 0 and not args.overwrite:
-            claim_folder(out, resumable=False)  # refuses a folder that holds a run, before any work
+        source = source_for_run(argparse.Namespace(data=args.data, preset=args.preset, out=args.out,
+                                                   workers=args.workers, overwrite=args.overwrite),
+                                mcfg, tcfg, dcfg, str(device), claims=rank == 0, resumable=False)
         worker = BlockWorker(mcfg, tcfg, rank, device)
-        source = make_source(argparse.Namespace(data=args.data, preset=args.preset, out=args.out, workers=args.workers),
-                             mcfg, tcfg, dcfg, str(device))  # checks the data: a mistake there deletes nothing
         if rank == 0:
-            if args.overwrite:  # keep the list of bad videos the data has just written there
-                claim_folder(out, True, also=() if dcfg.skip_bad else ("bad_videos.txt",), resumable=False)
             save_json(out / "config.json", config)
         losses, timing = run_rank(worker, source(0, 0, 1), tcfg.steps)  # every rank: the whole global batch
         gathered = [None] * K if rank == 0 else None

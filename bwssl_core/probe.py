@@ -262,6 +262,12 @@ def class_labels(y: torch.Tensor, what: str) -> torch.Tensor:
     return y.long()
 
 
+def dense_classes(train_y: torch.Tensor, val_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Class ids renumbered 0..C-1 over both splits (ids such as 7, 107, 207 need not make 208 classes), and C."""
+    classes, dense = torch.unique(torch.cat([train_y, val_y]), return_inverse=True)
+    return dense[:len(train_y)], dense[len(train_y):], len(classes)
+
+
 def probe_spaces(spaces: list[ProbeSpace], labels: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  l2_grid=(1e-1, 1e-2, 1e-3, 1e-4), holdout: float = 0.2, seed: int = 0,
                  max_iter: int = MAX_ITER) -> list[dict[str, dict]]:
@@ -279,9 +285,8 @@ def probe_spaces(spaces: list[ProbeSpace], labels: dict[str, tuple[torch.Tensor,
         if n != len(train_y) or m != len(val_y):
             raise ConfigError(f"features and labels{'' if fam == 'y' else f' of {fam}'} differ in length: "
                               f"train {n} vs {len(train_y)}, validation {m} vs {len(val_y)}")
-        classes, dense = torch.unique(torch.cat([train_y, val_y]), return_inverse=True)  # ids as 0..C-1
-        labels[fam] = train_y, val_y = dense[:len(train_y)], dense[len(train_y):]
-        counts[fam] = len(classes)
+        train_y, val_y, counts[fam] = dense_classes(train_y, val_y)
+        labels[fam] = train_y, val_y
         need = math.ceil(2 * counts[fam] / (1 - holdout) - 1e-9)  # the rounding of 2 * 8 / 0.8 aside
         if len(train_y) < need:
             raise ConfigError(f"{len(train_y)} training samples are fewer than the probe needs for {counts[fam]} "
